@@ -1,0 +1,357 @@
+"""EvolvingIsolation: importance tracker → mask scheduler → isolator, behind one small object.
+
+State machine (inspectable as `iso.state`):
+  "tracking"  — warm-up: the EMA is updated, nothing is protected;
+  "isolating" — a mask is active and refreshed every `refresh_every` steps (protect / release);
+  "static"    — refresh_every=None: the first mask stays; the EMA is no longer updated.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .config import EPIConfig
+from .importance import ImportanceTracker, local
+from .isolation import Isolator
+from .masks import index_overlap, mask_overlap, random_masks, spearman, top_p_masks
+
+_BLOCK = re.compile(r"(^|\.)(layers|h|blocks|block|decoder\.layers|encoder\.layers)\.\d+\.")
+_NORM = re.compile(r"norm|ln_|layernorm", re.IGNORECASE)
+_EMBED = re.compile(r"embed|wte|wpe", re.IGNORECASE)
+_HEAD = re.compile(r"lm_head|output_projection|(^|\.)head\.", re.IGNORECASE)
+
+
+def isolatable(model: torch.nn.Module, config: EPIConfig) -> List[Tuple[str, torch.nn.Parameter]]:
+    """Return the (name, parameter) pairs the engine may protect, in model order.
+
+    Default ("blocks"): the 2-D weights inside transformer blocks. Embeddings, the LM head and norms are
+    opt-in (include_embeddings / include_head / include_norms); targets="all" takes every trainable tensor.
+    Tied weights appear once.
+    """
+    out, seen = [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if config.targets == "all":
+            out.append((name, p))
+        elif _EMBED.search(name):
+            if config.include_embeddings:
+                out.append((name, p))
+        elif _HEAD.search(name):
+            if config.include_head:
+                out.append((name, p))
+        elif _NORM.search(name) or p.dim() < 2:
+            if config.include_norms and _NORM.search(name):
+                out.append((name, p))
+        elif _BLOCK.search(name) and p.dim() == 2:
+            out.append((name, p))
+    if not out:
+        raise ValueError("no isolatable tensors found: check EPIConfig.targets / include_* for this model")
+    return out
+
+
+@dataclass
+class ActiveMask:
+    """The mask in force for the current batch: keep (bool, 1 = trainable) and/or protected indices."""
+    keep: Optional[List[torch.Tensor]]
+    index: Optional[List[torch.Tensor]]  # int32 flat indices of protected coordinates
+    count: int
+
+
+def _active_from_protected(protected: Sequence[torch.Tensor], need_keep: bool, need_index: bool) -> ActiveMask:
+    keep = [~m for m in protected] if need_keep else None
+    index = [m.reshape(-1).nonzero().reshape(-1).to(torch.int32) for m in protected] if need_index else None
+    return ActiveMask(keep, index, int(sum(int(m.sum()) for m in protected)))
+
+
+class EvolvingIsolation:
+    """Evolving parameter isolation for a model: track importance, refresh masks, isolate exactly.
+
+    Usage: `iso = EvolvingIsolation(model, EPIConfig(...)); iso.attach(optimizer)`; each step, after the
+    last backward, `iso.observe(task)` (folds gradients into the importance and masks them, so clipping
+    sees masked gradients); then `optimizer.step()`. If observe() is not called, the optimizer pre-step
+    hook calls it (masking then happens after any clipping).
+    """
+
+    def __init__(self, model: torch.nn.Module, config: Optional[EPIConfig] = None, *, group=None):
+        self.config = config or EPIConfig()
+        self.model = model
+        self.group = group
+        named = isolatable(model, self.config)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.numels = [p.numel() for p in self.params]  # global sizes (DTensor reports the full shape)
+        self.tracker = ImportanceTracker(self.params, self.config)
+        self.step = 0
+        self.current_task: Optional[str] = None
+        self.sets: Dict[str, List[torch.Tensor]] = {}  # scope key -> protected top-p set (bool)
+        self.history: List[dict] = []
+        self.isolator: Optional[Isolator] = None
+        self._first: Dict[str, List[torch.Tensor]] = {}  # first mask per key, as int32 indices
+        self._sample_prev: Dict[str, torch.Tensor] = {}
+        self._active_cache: Dict[Optional[str], ActiveMask] = {}
+        self._active_version = 0
+        self._observed = False
+        self._forced = False  # masks set from outside (static from scores, random control)
+        self._sample = self._make_sample()
+
+    # ---- public API ----------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        if not self.sets:
+            return "tracking"
+        return "static" if self.config.static or self._forced else "isolating"
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> "EvolvingIsolation":
+        """Hook the optimizer: from now on optimizer.step() leaves protected coordinates unchanged."""
+        if self.isolator is not None:
+            self.isolator.detach()
+        self.isolator = Isolator(self, optimizer)
+        return self
+
+    def detach(self) -> None:
+        if self.isolator is not None:
+            self.isolator.detach()
+            self.isolator = None
+
+    @torch.no_grad()
+    def observe(self, task: Optional[str] = None) -> None:
+        """Fold this step's gradients into the importance of `task` and zero protected gradients.
+
+        Call once per optimizer step, after the last micro-batch's backward and before clipping.
+        """
+        if task is not None:
+            task = str(task)
+        if task != self.current_task:
+            self.current_task = task
+        # A static mask no longer needs the EMA: skip that work once the mask is fixed.
+        if self.state == "tracking" or (self.state == "isolating" and self.step % self.config.score_every == 0):
+            self.tracker.update(task)
+        if self.config.mask_grads or (self.isolator is not None and self.isolator.mode == "grad"):
+            self.mask_gradients()
+        self._observed = True
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients of coordinates protected for the current task (idempotent)."""
+        active = self.active()
+        if active is None:
+            return
+        grads = [local(p.grad) if p.grad is not None else None for p in self.params]
+        if active.keep is not None:
+            pairs = [(g, k) for g, k in zip(grads, active.keep) if g is not None]
+            if pairs:
+                if self.tracker.last_finite:
+                    torch._foreach_mul_([g for g, _ in pairs], [k for _, k in pairs])
+                else:  # NaN * 0 is NaN: fill instead, so protected gradients are exactly 0
+                    for g, keep in pairs:
+                        g.masked_fill_(~keep, 0.0)
+        else:
+            for g, idx in zip(grads, active.index):
+                if g is not None and idx.numel():
+                    g.reshape(-1).index_put_((idx,), torch.zeros((), dtype=g.dtype, device=g.device))
+
+    def active(self, task: Optional[str] = "__current__") -> Optional[ActiveMask]:
+        """Return the mask in force for a batch of `task` (default: the current task), or None."""
+        if not self.sets:
+            return None
+        task = self.current_task if task == "__current__" else task
+        key = None if self.config.scope == "global" else task
+        if key not in self._active_cache:
+            self._active_cache[key] = _active_from_protected(self.protected_for(key), *self._needs())
+            self._active_version += 1
+        return self._active_cache[key]
+
+    def protected_for(self, task: Optional[str]) -> List[torch.Tensor]:
+        """Return bool masks protected for a batch of `task`: the union of the other tasks' sets."""
+        if "global" in self.sets:
+            return self.sets["global"]
+        others = [m for k, m in self.sets.items() if k != task]
+        if not others:
+            return [torch.zeros_like(local(p), dtype=torch.bool) for p in self.params]
+        out = [m.clone() for m in others[0]]
+        for masks in others[1:]:
+            torch._foreach_logical_or_(out, masks) if hasattr(torch, "_foreach_logical_or_") else \
+                [o.logical_or_(m) for o, m in zip(out, masks)]
+        return out
+
+    @property
+    def masks(self) -> Dict[str, torch.Tensor]:
+        """{param name: bool tensor of coordinates protected for the current task}."""
+        if not self.sets:
+            return {n: torch.zeros_like(local(p), dtype=torch.bool) for n, p in zip(self.names, self.params)}
+        return dict(zip(self.names, self.protected_for(self.current_task if self.config.scope == "per_task" else None)))
+
+    def protected_fraction(self, task: Optional[str] = "__current__") -> float:
+        """Return the realised fraction of isolatable coordinates protected (for `task`; per_task with
+        task=None: the mean over the known tasks)."""
+        if not self.sets:
+            return 0.0
+        total = sum(self.numels)
+        if self.config.scope == "per_task" and task is None:
+            tasks = list(self.sets)
+            return sum(self.active(t).count for t in tasks) / (total * len(tasks))
+        return self.active(task).count / total
+
+    @torch.no_grad()
+    def set_masks(self, masks, key: str = "global") -> None:
+        """Fix the protected set from outside (static isolation from given scores, random control).
+
+        masks: {name: bool tensor} or a list aligned with the isolatable tensors. Stops refreshing.
+        """
+        if isinstance(masks, dict):
+            missing = [n for n in self.names if n not in masks]
+            if missing:
+                raise ValueError(f"set_masks: missing masks for {missing[:3]}{'...' if len(missing) > 3 else ''}")
+            masks = [masks[n] for n in self.names]
+        masks = [m.to(dtype=torch.bool, device=local(p).device).reshape(local(p).shape)
+                 for m, p in zip(masks, self.params)]
+        self._install({key: masks})
+        self._forced = True
+
+    def set_scores(self, scores, key: str = "global") -> None:
+        """Protect the top-p of externally computed scores (e.g. |θ_task − θ₀|) with this config."""
+        if isinstance(scores, dict):
+            scores = [scores[n] for n in self.names]
+        masks = top_p_masks([local(s) for s in scores], self.config.ratio, normalize=self.config.normalize,
+                            quota=self.config.quota, numels=self.numels, group=self.group)
+        self.set_masks(masks, key)
+
+    def random_masks(self, ratio: float, key: str = "global") -> None:
+        """Protect a uniformly random `ratio` of the isolatable coordinates (the matched-size control)."""
+        g = torch.Generator().manual_seed(self.config.seed)
+        self.set_masks(random_masks([local(p).shape for p in self.params], ratio, g), key)
+
+    def seed_importance(self, buffers: Dict[str, Sequence[torch.Tensor]]) -> None:
+        """Start from importance tracked elsewhere (e.g. during the base model's pre-training)."""
+        for key, bufs in buffers.items():
+            self.tracker._buffers(key)
+            for dst, src in zip(self.tracker.buffers[key], bufs):
+                dst.copy_(src)
+
+    def mask_digest(self) -> str:
+        """Return a sha256 digest of the current protected sets (identical masks → identical digests)."""
+        h = hashlib.sha256()
+        for key in sorted(self.sets):
+            h.update(key.encode())
+            for m in self.sets[key]:
+                h.update(m.cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # ---- refresh -------------------------------------------------------------------------------------
+    def _needs(self) -> Tuple[bool, bool]:
+        mode = self.isolator.mode if self.isolator is not None else "restore"
+        need_keep = self.config.mask_format == "bool"
+        need_index = mode == "restore" or self.config.mask_format == "index"
+        return need_keep, need_index
+
+    def _after_step(self) -> None:
+        self.step += 1
+        self._observed = False
+        if self._forced:
+            return
+        due_first = not self.sets and self.step >= self.config.warmup_steps
+        due_next = (self.sets and not self.config.static
+                    and (self.step - self.config.warmup_steps) % self.config.refresh_every == 0)
+        if due_first or due_next:
+            self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute every scope key's top-p set from its importance; log drift statistics."""
+        cfg = self.config
+        new = {}
+        for key, imp in self.tracker.buffers.items():
+            if self.tracker.updates.get(key, 0) == 0:
+                continue
+            new[key] = top_p_masks(imp, cfg.ratio, normalize=cfg.normalize, quota=cfg.quota,
+                                   numels=self.numels, group=self.group, previous=self.sets.get(key),
+                                   hysteresis=cfg.hysteresis)
+        if not new:
+            return
+        for key, masks in new.items():
+            self.history.append(self._drift(key, masks))
+        self._install({**self.sets, **new})
+
+    def _install(self, sets: Dict[str, List[torch.Tensor]]) -> None:
+        self.sets = sets
+        self._active_cache.clear()
+        self._active_version += 1
+        if self.config.track_first:
+            for key, masks in sets.items():
+                self._first.setdefault(key, [m.reshape(-1).nonzero().reshape(-1).to(torch.int32) for m in masks])
+
+    def _drift(self, key: str, masks: List[torch.Tensor]) -> dict:
+        prev = self.sets.get(key)
+        stats = mask_overlap(prev, masks) if prev is not None else {"jaccard": None, "churn": None,
+                                                                     "released_fraction": None}
+        first = self._first.get(key)
+        entry = {
+            "step": self.step, "scope_key": key,
+            "protected_fraction": sum(int(m.sum()) for m in masks) / sum(self.numels),
+            "jaccard_prev": stats["jaccard"], "churn": stats["churn"],
+            "released_fraction": stats["released_fraction"],
+            "jaccard_first": (index_overlap(first, masks) if first is not None
+                              else 1.0 if self.config.track_first else None),  # the first mask itself
+            "per_layer": {n: float(m.float().mean()) for n, m in zip(self.names, masks)},
+        }
+        sample = self._sample_values(key)
+        prev_sample = self._sample_prev.get(key)
+        entry["spearman_prev"] = spearman(prev_sample, sample) if prev_sample is not None and len(sample) > 1 else None
+        self._sample_prev[key] = sample
+        return entry
+
+    def _make_sample(self) -> List[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.config.seed)
+        total = sum(local(p).numel() for p in self.params)
+        n = min(self.config.spearman_sample, total)
+        flat = torch.randperm(total, generator=g)[:n].sort().values
+        out, start = [], 0
+        for p in self.params:
+            size = local(p).numel()
+            sel = flat[(flat >= start) & (flat < start + size)] - start
+            out.append(sel.to(local(p).device))
+            start += size
+        return out
+
+    def _sample_values(self, key: str) -> torch.Tensor:
+        imp = self.tracker.buffers[key]
+        scale = [1.0] * len(imp)
+        if self.config.normalize != "none":
+            from .masks import layer_scales
+            scale = layer_scales(imp, self.config.normalize, self.numels, self.group)
+        return torch.cat([b.reshape(-1)[i].float().cpu() / s for b, i, s in zip(imp, self._sample, scale)])
+
+    # ---- checkpointing -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume bit-identically (config, step, importance, masks, history)."""
+        return {
+            "config": self.config.to_dict(), "names": list(self.names), "step": self.step,
+            "current_task": self.current_task, "tracker": self.tracker.state_dict(),
+            "sets": {k: [m.clone() for m in v] for k, v in self.sets.items()},
+            "first": {k: [m.clone() for m in v] for k, v in self._first.items()},
+            "sample_prev": {k: v.clone() for k, v in self._sample_prev.items()},
+            "history": [dict(h) for h in self.history], "forced": self._forced,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["names"]) != self.names:
+            raise ValueError("load_state_dict: the checkpoint's isolatable tensors differ from this model's")
+        self.config = EPIConfig.from_dict(state["config"])
+        self.tracker.config = self.config
+        self.step = int(state["step"])
+        self.current_task = state["current_task"]
+        self.tracker.load_state_dict(state["tracker"])
+        self._first = {k: [m.clone() for m in v] for k, v in state["first"].items()}
+        self._sample_prev = {k: v.clone() for k, v in state["sample_prev"].items()}
+        self.history = [dict(h) for h in state["history"]]
+        self._forced = bool(state["forced"])
+        devs = [local(p).device for p in self.params]
+        self.sets = {k: [m.to(d) for m, d in zip(v, devs)] for k, v in state["sets"].items()}
+        self._active_cache.clear()
+        self._active_version += 1

@@ -1,0 +1,114 @@
+"""ImportanceTracker: an EMA of a per-coordinate importance score, one buffer per isolatable tensor.
+
+Hot path: lists of aligned tensors (params / grads / buffers) and torch._foreach_* kernels under
+no_grad — no per-parameter Python work beyond building the lists, no host sync except the optional
+finite-gradient check (one `.item()` per step).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .config import EPIConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """Return the local shard of a DTensor (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class ImportanceTracker:
+    """Tracks `I ← β·I + (1−β)·score(g, θ)` per coordinate, globally or per task (config.scope)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], config: EPIConfig):
+        self.params = list(params)
+        self.config = config
+        self.dtype = _DTYPES[config.importance_dtype]
+        self.buffers: Dict[str, List[torch.Tensor]] = {}
+        self.updates: Dict[str, int] = {}
+        self.skipped_steps = 0
+        self.last_finite = True
+        self.theta0: Optional[List[torch.Tensor]] = None
+        if config.score == "delta":
+            self.theta0 = [local(p).detach().clone() for p in self.params]
+
+    def key(self, task: Optional[str]) -> str:
+        """Return the buffer key for a batch of `task` ("global" in global scope)."""
+        if self.config.scope == "global":
+            return "global"
+        if task is None:
+            raise ValueError("scope='per_task' needs the task of each batch: call observe(task)")
+        return str(task)
+
+    def _buffers(self, key: str) -> List[torch.Tensor]:
+        if key not in self.buffers:
+            self.buffers[key] = [torch.zeros_like(local(p), dtype=self.dtype) for p in self.params]
+            self.updates[key] = 0
+        return self.buffers[key]
+
+    @torch.no_grad()
+    def grads(self) -> List[Optional[torch.Tensor]]:
+        return [None if p.grad is None else local(p.grad) for p in self.params]
+
+    @torch.no_grad()
+    def finite(self, grads: Sequence[Optional[torch.Tensor]]) -> bool:
+        """Return True when every gradient is finite (one host sync)."""
+        present = [g for g in grads if g is not None]
+        if not present:
+            return True
+        norms = torch._foreach_norm(present)
+        return bool(torch.isfinite(torch.stack(norms).sum()))
+
+    @torch.no_grad()
+    def update(self, task: Optional[str]) -> bool:
+        """Fold the current gradients into the EMA of `task`; return False if the step was skipped."""
+        grads = self.grads()
+        self.last_finite = not self.config.check_finite or self.finite(grads)
+        if not self.last_finite:
+            self.skipped_steps += 1
+            return False
+        imps = self._buffers(self.key(task))
+        # Tensors without a gradient this step (e.g. unused) keep their importance unchanged.
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        if not idx:
+            return False
+        imp = [imps[i] for i in idx]
+        g = [grads[i] for i in idx]
+        w = 1.0 - self.config.beta
+        score = self.config.score
+        if score == "fisher" and all(x.dtype == t.dtype for x, t in zip(g, imp)):
+            torch._foreach_mul_(imp, self.config.beta)
+            torch._foreach_addcmul_(imp, g, g, value=w)  # no temporary list
+        else:
+            if score == "fisher":
+                s = torch._foreach_mul(g, g)
+            elif score == "grad":
+                s = torch._foreach_abs(g)
+            elif score == "taylor":
+                s = torch._foreach_mul(g, [local(self.params[i]).detach() for i in idx])
+                torch._foreach_abs_(s)
+            else:  # delta: |θ − θ₀|
+                s = torch._foreach_sub([local(self.params[i]).detach() for i in idx],
+                                       [self.theta0[i] for i in idx])
+                torch._foreach_abs_(s)
+            if s[0].dtype != self.dtype:
+                s = [x.to(self.dtype) for x in s]
+            torch._foreach_lerp_(imp, s, w)
+        self.updates[self.key(task)] += 1
+        return True
+
+    def state_dict(self) -> dict:
+        return {"buffers": {k: [b.clone() for b in v] for k, v in self.buffers.items()},
+                "updates": dict(self.updates), "skipped_steps": self.skipped_steps,
+                "theta0": None if self.theta0 is None else [t.clone() for t in self.theta0]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers = {k: [b.clone().to(local(p).device) for b, p in zip(v, self.params)]
+                        for k, v in state["buffers"].items()}
+        self.updates = dict(state["updates"])
+        self.skipped_steps = int(state["skipped_steps"])
+        if state.get("theta0") is not None:
+            self.theta0 = [t.clone().to(local(p).device) for t, p in zip(state["theta0"], self.params)]

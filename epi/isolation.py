@@ -1,0 +1,125 @@
+"""Isolator: exact isolation around optimizer.step() — protected coordinates move exactly 0.0.
+
+Zeroing a gradient does not freeze a weight under AdamW: the old momentum and the decoupled weight decay
+still move it. Two exact recipes (ENGINE_NOTES §2.2):
+
+* "grad" mode (torch Adam/AdamW): gradients of protected coordinates are zero, `exp_avg` is zeroed when a
+  coordinate becomes protected (then m stays 0, so the Adam update is exactly 0), and weight decay is
+  taken over by the isolator and applied to free coordinates only (the group's weight_decay is set to 0
+  and the original kept under "epi_weight_decay", so optimizer.state_dict() round-trips).
+* "restore" mode (any optimizer): protected values are stashed before step() and written back after.
+  Moments keep running, as the paper describes ("mask the final delta, including weight decay").
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Optional
+
+import torch
+
+from .importance import local
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import EvolvingIsolation
+
+_ADAM = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def resolve_mode(mode: str, optimizer: torch.optim.Optimizer, scope: str, mask_format: str) -> str:
+    """Return the concrete isolation mode ("grad" or "restore") for this optimizer and config."""
+    if mode == "grad" and not isinstance(optimizer, _ADAM):
+        raise ValueError(f"mode='grad' is exact only for torch.optim.Adam/AdamW, got {type(optimizer).__name__}; "
+                         "use mode='restore' (exact for any optimizer)")
+    if mode != "auto":
+        return mode
+    if isinstance(optimizer, _ADAM) and scope == "global" and mask_format == "bool":
+        return "grad"
+    return "restore"
+
+
+class Isolator:
+    """Registers step pre/post hooks on an optimizer and keeps protected coordinates fixed."""
+
+    def __init__(self, engine: "EvolvingIsolation", optimizer: torch.optim.Optimizer):
+        self.engine = engine
+        self.optimizer = optimizer
+        cfg = engine.config
+        self.mode = resolve_mode(cfg.mode, optimizer, cfg.scope, cfg.mask_format)
+        self.coupled_decay = isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW)
+        self._stash: Optional[List[torch.Tensor]] = None
+        self._applied_version = None  # which active mask the moments were last cleaned for
+        ids = {id(p): i for i, p in enumerate(engine.params)}
+        self._slot = ids
+        if self.mode == "grad":
+            for group in optimizer.param_groups:
+                group.setdefault("epi_weight_decay", group.get("weight_decay", 0.0))
+                group["weight_decay"] = 0.0
+        self._handles = [optimizer.register_step_pre_hook(self._pre_step),
+                         optimizer.register_step_post_hook(self._post_step)]
+
+    def detach(self) -> None:
+        """Remove the hooks and give weight decay back to the optimizer."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for group in self.optimizer.param_groups:
+            if "epi_weight_decay" in group:
+                group["weight_decay"] = group.pop("epi_weight_decay")
+
+    # ---- hooks ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        eng = self.engine
+        if not eng._observed:
+            eng.observe(eng.current_task)
+        active = eng.active()
+        if self.mode == "grad":
+            if active is not None and self._applied_version != eng._active_version:
+                self._clean_moments(active)
+                self._applied_version = eng._active_version
+            self._weight_decay(active)
+        elif active is not None:
+            self._stash = [local(p).reshape(-1).index_select(0, idx) if idx.numel() else None
+                           for p, idx in zip(eng.params, active.index)]
+
+    @torch.no_grad()
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        eng = self.engine
+        if self._stash is not None:
+            for p, idx, vals in zip(eng.params, eng.active().index, self._stash):
+                if vals is not None:
+                    local(p).reshape(-1).index_put_((idx,), vals)
+            self._stash = None
+        eng._after_step()
+
+    # ---- grad-mode pieces ----------------------------------------------------------------------------
+    def _clean_moments(self, active) -> None:
+        """Zero exp_avg on protected coordinates so their Adam update is exactly 0 (idempotent)."""
+        bufs, keeps = [], []
+        for p, keep in zip(self.engine.params, active.keep):
+            state = self.optimizer.state.get(p)
+            if state and "exp_avg" in state:
+                bufs.append(local(state["exp_avg"]))
+                keeps.append(keep)
+        if bufs:
+            torch._foreach_mul_(bufs, keeps)
+
+    def _weight_decay(self, active) -> None:
+        """Apply the groups' weight decay ourselves, to free coordinates only."""
+        for group in self.optimizer.param_groups:
+            wd = float(group.get("epi_weight_decay", 0.0))
+            if wd == 0.0:
+                continue
+            lr = float(group["lr"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue  # torch skips parameters without a gradient entirely
+                slot = self._slot.get(id(p))
+                keep = None if active is None or slot is None else active.keep[slot]
+                x = local(p)
+                if self.coupled_decay:  # Adam: L2 added to the gradient
+                    g = local(p.grad)
+                    g.add_(x * keep if keep is not None else x, alpha=wd)
+                elif keep is None:
+                    x.mul_(1.0 - lr * wd)
+                else:
+                    x.addcmul_(x, keep, value=-lr * wd)

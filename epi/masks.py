@@ -1,0 +1,191 @@
+"""Mask selection: per-tensor normalisation, the exact global top-k threshold, and drift statistics.
+
+The global threshold is found by a two-pass radix select on the float32 bit pattern (importance ≥ 0,
+so the int32 view is monotone in the value), one tensor at a time: no concatenated copy, no sort, and
+only two small histograms cross ranks under torch.distributed. The result equals `kthvalue` on the
+concatenated values. Ties: every coordinate whose value equals the threshold is protected, so the
+realised count can exceed k when values tie at the boundary (the realised fraction is logged).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+_HI_BINS = 1 << 15  # non-negative float32: bits >> 16 lies in [0, 32767]
+_LO_BINS = 1 << 16
+
+
+def _all_reduce(t: torch.Tensor, group, op=None) -> torch.Tensor:
+    if group is not None and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).float().contiguous().view(torch.int32)
+
+
+def radix_threshold(tensors: Sequence[torch.Tensor], k: int, group=None,
+                    scales: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """Return the k-th largest value (float32 scalar) over all tensors, exactly, without concatenating.
+
+    tensors: non-negative values (any shapes). scales: optional per-tensor divisors applied on the fly
+    (the per-layer normalisation), so the caller need not materialise normalised copies.
+    group: a torch.distributed process group; histograms are all-reduced, so every rank gets the same
+    threshold over the union of the ranks' shards (k counts over that union).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    device = tensors[0].device if tensors else torch.device("cpu")
+
+    def values(i: int, t: torch.Tensor) -> torch.Tensor:
+        v = t.detach().float()
+        return v / scales[i] if scales is not None else v
+
+    hist = torch.zeros(_HI_BINS, dtype=torch.int64, device=device)
+    for i, t in enumerate(tensors):
+        hist += torch.bincount(_bits(values(i, t)) >> 16, minlength=_HI_BINS)
+    hist = _all_reduce(hist, group)
+    total = int(hist.sum())
+    if k > total:
+        raise ValueError(f"k={k} exceeds the number of values ({total})")
+    # Count from the top: bucket b holds the k-th largest value.
+    above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # above[b] = #values in buckets >= b
+    bucket = int((above >= k).nonzero().max())
+    k_in_bucket = k - (int(above[bucket + 1]) if bucket + 1 < _HI_BINS else 0)
+
+    low = torch.zeros(_LO_BINS + 1, dtype=torch.int64, device=device)
+    for i, t in enumerate(tensors):
+        b = _bits(values(i, t))
+        low += torch.bincount(torch.where((b >> 16) == bucket, b & 0xFFFF, _LO_BINS), minlength=_LO_BINS + 1)
+    low = _all_reduce(low[:_LO_BINS].contiguous(), group)
+    above_low = torch.flip(torch.cumsum(torch.flip(low, [0]), 0), [0])
+    low_bits = int((above_low >= k_in_bucket).nonzero().max())
+    bits = torch.tensor([(bucket << 16) | low_bits], dtype=torch.int32)
+    return bits.view(torch.float32)[0].to(device)
+
+
+def layer_scales(importance: Sequence[torch.Tensor], normalize: str, numels: Sequence[int],
+                 group=None) -> Optional[list]:
+    """Return per-tensor divisors for "layer_mean" / "layer_max" (None for "none"); zero-safe.
+
+    numels are the *global* element counts (a sharded tensor's local part is smaller), so the mean is
+    the mean over the whole parameter once the local sums are all-reduced.
+    """
+    if normalize == "none":
+        return None
+    if not importance:
+        return []
+    if normalize == "layer_mean":
+        stats = torch.stack([t.detach().float().sum() for t in importance])
+        stats = _all_reduce(stats, group) / torch.tensor(numels, dtype=torch.float32, device=stats.device)
+    else:
+        stats = torch.stack([t.detach().float().amax() if t.numel() else t.new_zeros((), dtype=torch.float32)
+                             for t in importance])
+        stats = _all_reduce(stats, group, dist.ReduceOp.MAX if dist.is_available() else None)
+    stats = torch.where(stats > 0, stats, torch.ones_like(stats))  # an all-zero tensor ranks last anyway
+    return [float(s) for s in stats.cpu()]
+
+
+def top_p_masks(importance: Sequence[torch.Tensor], ratio: float, *, normalize: str = "layer_mean",
+                quota: str = "global", numels: Optional[Sequence[int]] = None, group=None,
+                previous: Optional[Sequence[torch.Tensor]] = None, hysteresis: float = 0.0) -> list:
+    """Return one bool mask per tensor marking its protected (top-p) coordinates.
+
+    With hysteresis h and a previous mask, a previously protected coordinate stays protected while it is
+    in the top-(p+h) set; everything else follows the top-p set.
+    """
+    numels = list(numels) if numels is not None else [t.numel() for t in importance]
+    scales = layer_scales(importance, normalize, numels, group)
+
+    def thresholds(r: float) -> list:
+        if quota == "per_tensor":
+            out = []
+            for i, t in enumerate(importance):
+                s = None if scales is None else [scales[i]]
+                out.append(radix_threshold([t], max(1, int(round(r * numels[i]))), group, s))
+            return out
+        k = max(1, int(round(r * sum(numels))))
+        return [radix_threshold(importance, k, group, scales)] * len(importance)
+
+    def normed(i: int) -> torch.Tensor:
+        v = importance[i].detach().float()
+        return v / scales[i] if scales is not None else v
+
+    thr = thresholds(ratio)
+    keep_thr = thresholds(ratio + hysteresis) if hysteresis > 0 and previous is not None else None
+    masks = []
+    for i in range(len(importance)):
+        v = normed(i)
+        m = v >= thr[i]
+        if keep_thr is not None:
+            m |= previous[i] & (v >= keep_thr[i])
+        masks.append(m)
+    return masks
+
+
+def random_masks(shapes: Sequence[torch.Size], ratio: float, generator: torch.Generator,
+                 device=None) -> list:
+    """Return bool masks protecting a uniformly random `ratio` of all coordinates (the random control)."""
+    numels = [int(torch.Size(s).numel()) for s in shapes]
+    total, k = sum(numels), max(1, int(round(ratio * sum(numels))))
+    chosen = torch.zeros(total, dtype=torch.bool)
+    chosen[torch.randperm(total, generator=generator)[:k]] = True
+    out, start = [], 0
+    for s, n in zip(shapes, numels):
+        out.append(chosen[start:start + n].view(s).to(device))
+        start += n
+    return out
+
+
+# ---- drift statistics (counts summed over the list of tensors) -------------------------------------
+
+def _count(masks) -> int:
+    return int(sum(int(m.sum()) for m in masks))
+
+
+def mask_overlap(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> dict:
+    """Return Jaccard, churn and released fraction between masks a (previous) and b (current).
+
+    jaccard = |a∩b| / |a∪b| (1.0 when both are empty); churn = |a△b| / |b|; released = |a∖b| / |a|.
+    """
+    inter = sum(int((x & y).sum()) for x, y in zip(a, b))
+    na, nb = _count(a), _count(b)
+    union = na + nb - inter
+    return {
+        "jaccard": inter / union if union else 1.0,
+        "churn": (na + nb - 2 * inter) / nb if nb else 0.0,
+        "released_fraction": (na - inter) / na if na else 0.0,
+    }
+
+
+def index_overlap(first_idx: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> float:
+    """Return the Jaccard index between masks stored as flat indices and bool masks."""
+    inter = sum(int(m.reshape(-1)[i.long()].sum()) for i, m in zip(first_idx, masks))
+    na = sum(int(i.numel()) for i in first_idx)
+    union = na + _count(masks) - inter
+    return inter / union if union else 1.0
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Return Spearman's rank correlation of two 1-D tensors (average ranks for ties); nan if constant."""
+    def ranks(v: torch.Tensor) -> torch.Tensor:
+        v = v.double()
+        order = torch.argsort(v)
+        sorted_v = v[order]
+        r = torch.empty_like(v)
+        r[order] = torch.arange(1, len(v) + 1, dtype=torch.float64)
+        # average ranks over runs of equal values
+        uniq, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
+        if len(uniq) < len(v):
+            sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, r[order])
+            r[order] = (sums / counts)[inverse]
+        return r
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = float((rx.square().sum() * ry.square().sum()).sqrt())
+    return float((rx * ry).sum()) / denom if denom > 0 else float("nan")

@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_REAL = ROOT.parent / "shared" / "data" / "real"
+
+
+def small_llama(seed: int = 0, vocab: int = 48, hidden: int = 32, layers: int = 2):
+    """A small LlamaForCausalLM from config (fast enough for many-step unit tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture
+def llama():
+    return small_llama()
+
+
+@pytest.fixture
+def shared_real() -> Path:
+    if not SHARED_REAL.is_dir():
+        pytest.skip("../shared/data/real is absent (only present on the project's machines)")
+    return SHARED_REAL
