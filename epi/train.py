@@ -1,0 +1,159 @@
+"""One training loop for every method: batches by step, optional engine, optional method plugins.
+
+Data order is a pure function of the step (`batch_fn(step) -> (task, batch)`), so every method sees
+the same batches in the same order, and a run resumed at step k continues exactly where it stopped.
+
+Per step: backward (× grad_accum) → plugin.after_backward (e.g. the EWC penalty gradient) →
+engine.observe(task) (importance + gradient mask, before clipping) → clip → optimizer.step() (the
+engine's hooks keep protected coordinates exact) → zero_grad.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+Batch = Dict[str, torch.Tensor]
+BatchFn = Callable[[int], Tuple[str, Batch]]
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and loop settings (AdamW, constant learning rate)."""
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    betas: Tuple[float, float] = (0.9, 0.98)
+    clip: Optional[float] = 1.0
+    grad_accum: int = 1
+    max_length: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "max_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        self.betas = tuple(self.betas)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """Return AdamW over the trainable parameters (fused kernel where torch has one)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+                                 fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
+        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+
+
+class Plugin:
+    """A method's hooks into the loop; override what you need (all optional)."""
+
+    def after_backward(self, model: torch.nn.Module, task: str, step: int) -> None: ...
+
+    def after_step(self, model: torch.nn.Module, task: str, step: int) -> None: ...
+
+
+@dataclass
+class LoopState:
+    """What the loop has produced so far (per-step losses and tasks); part of a checkpoint."""
+    step: int = 0
+    losses: List[float] = field(default_factory=list)
+    tasks: List[str] = field(default_factory=list)
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_fn: BatchFn, *,
+                steps: int, state: Optional[LoopState] = None, engine=None,
+                plugins: Sequence[Plugin] = (), clip: Optional[float] = 1.0, grad_accum: int = 1,
+                micro_fn: Optional[Callable[[int, int], Tuple[str, Batch]]] = None,
+                callback: Optional[Callable[[LoopState], None]] = None, desc: Optional[str] = None) -> LoopState:
+    """Run optimizer steps state.step .. steps-1 and return the loop state (losses per step).
+
+    batch_fn(step) gives the (task, batch) of a step; with grad_accum > 1, micro_fn(step, i) gives the
+    i-th micro-batch (default: batch_fn's batch split into grad_accum chunks). callback(state) runs after
+    every step (checkpointing, evaluation).
+    """
+    state = state or LoopState()
+    model.train()
+    bar = tqdm(range(state.step, steps), desc=desc, leave=False, disable=None)
+    for step in bar:
+        task, batch = batch_fn(step)
+        total = 0.0
+        for i in range(grad_accum):
+            if grad_accum == 1:
+                micro = batch
+            elif micro_fn is not None:
+                micro = micro_fn(step, i)[1]
+            else:
+                micro = {k: v.chunk(grad_accum)[i] for k, v in batch.items()}
+            loss = model(**micro).loss / grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        for plugin in plugins:
+            plugin.after_backward(model, task, step)
+        if engine is not None:
+            engine.observe(task)
+        if clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for plugin in plugins:
+            plugin.after_step(model, task, step)
+        state.step = step + 1
+        state.losses.append(total)
+        state.tasks.append(task)
+        if callback is not None:
+            callback(state)
+    return state
+
+
+def save_checkpoint(path: Path, *, model, optimizer, state: LoopState, engine=None, extra: Optional[dict] = None) -> None:
+    """Write model, optimizer, loop, engine and RNG state atomically (tmp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": asdict(state),
+            "engine": engine.state_dict() if engine is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "extra": extra or {}}
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, *, model, optimizer, engine=None) -> Tuple[LoopState, dict]:
+    """Restore what save_checkpoint wrote; return (loop state, extra)."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(blob["model"])
+    optimizer.load_state_dict(blob["optimizer"])
+    if engine is not None and blob["engine"] is not None:
+        engine.load_state_dict(blob["engine"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    np.random.set_state(blob["rng"]["numpy"])
+    random.setstate(blob["rng"]["python"])
+    return LoopState(**blob["loop"]), blob["extra"]
