@@ -57,16 +57,24 @@ def isolatable(model: torch.nn.Module, config: EPIConfig) -> List[Tuple[str, tor
 
 @dataclass
 class ActiveMask:
-    """The mask in force for the current batch: keep (bool, 1 = trainable) and/or protected indices."""
-    keep: Optional[List[torch.Tensor]]
-    index: Optional[List[torch.Tensor]]  # int32 flat indices of protected coordinates
+    """The mask in force for the current batch, as bool masks and/or int32 flat indices (protected)."""
+    protected: Optional[List[torch.Tensor]]
+    index: Optional[List[torch.Tensor]]
     count: int
 
 
-def _active_from_protected(protected: Sequence[torch.Tensor], need_keep: bool, need_index: bool) -> ActiveMask:
-    keep = [~m for m in protected] if need_keep else None
-    index = [m.reshape(-1).nonzero().reshape(-1).to(torch.int32) for m in protected] if need_index else None
-    return ActiveMask(keep, index, int(sum(int(m.sum()) for m in protected)))
+def to_index(mask: torch.Tensor) -> torch.Tensor:
+    """Return the int32 flat indices of a bool mask's True coordinates."""
+    return mask.reshape(-1).nonzero().reshape(-1).to(torch.int32)
+
+
+def to_bool(entry: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Return a bool mask shaped like `like` from a bool mask or int32 indices."""
+    if entry.dtype == torch.bool:
+        return entry
+    out = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
+    out[entry.long()] = True
+    return out.view(like.shape)
 
 
 class EvolvingIsolation:
@@ -143,14 +151,10 @@ class EvolvingIsolation:
         if active is None:
             return
         grads = [local(p.grad) if p.grad is not None else None for p in self.params]
-        if active.keep is not None:
-            pairs = [(g, k) for g, k in zip(grads, active.keep) if g is not None]
-            if pairs:
-                if self.tracker.last_finite:
-                    torch._foreach_mul_([g for g, _ in pairs], [k for _, k in pairs])
-                else:  # NaN * 0 is NaN: fill instead, so protected gradients are exactly 0
-                    for g, keep in pairs:
-                        g.masked_fill_(~keep, 0.0)
+        if active.protected is not None:  # masked_fill, not a multiply: NaN * 0 would stay NaN
+            for g, m in zip(grads, active.protected):
+                if g is not None:
+                    g.masked_fill_(m, 0.0)
         else:
             for g, idx in zip(grads, active.index):
                 if g is not None and idx.numel():
@@ -163,29 +167,46 @@ class EvolvingIsolation:
         task = self.current_task if task == "__current__" else task
         key = None if self.config.scope == "global" else task
         if key not in self._active_cache:
-            self._active_cache[key] = _active_from_protected(self.protected_for(key), *self._needs())
+            self._active_cache[key] = self._make_active(key)
             self._active_version += 1
         return self._active_cache[key]
 
     def protected_for(self, task: Optional[str]) -> List[torch.Tensor]:
         """Return bool masks protected for a batch of `task`: the union of the other tasks' sets."""
+        if not self.sets:
+            return [torch.zeros_like(local(p), dtype=torch.bool) for p in self.params]
         if "global" in self.sets:
-            return self.sets["global"]
-        others = [m for k, m in self.sets.items() if k != task]
+            return self._bools(self.sets["global"])
+        others = [self._bools(m) for k, m in self.sets.items() if k != task]
         if not others:
             return [torch.zeros_like(local(p), dtype=torch.bool) for p in self.params]
         out = [m.clone() for m in others[0]]
         for masks in others[1:]:
-            torch._foreach_logical_or_(out, masks) if hasattr(torch, "_foreach_logical_or_") else \
-                [o.logical_or_(m) for o, m in zip(out, masks)]
+            for o, m in zip(out, masks):
+                o.logical_or_(m)
         return out
+
+    def _bools(self, entries: List[torch.Tensor]) -> List[torch.Tensor]:
+        return [to_bool(e, local(p)) for e, p in zip(entries, self.params)]
+
+    def _make_active(self, key: Optional[str]) -> ActiveMask:
+        restore = self.isolator is None or self.isolator.mode == "restore"
+        if self.config.mask_format == "index":
+            if key is None or "global" in self.sets:
+                index = self.sets["global"]
+            else:
+                index = [to_index(m) for m in self.protected_for(key)]
+            return ActiveMask(None, index, sum(int(i.numel()) for i in index))
+        protected = self.protected_for(key)  # shares the stored masks in global scope (no copy)
+        index = [to_index(m) for m in protected] if restore else None
+        return ActiveMask(protected, index, sum(int(m.sum()) for m in protected))
 
     @property
     def masks(self) -> Dict[str, torch.Tensor]:
         """{param name: bool tensor of coordinates protected for the current task}."""
         if not self.sets:
             return {n: torch.zeros_like(local(p), dtype=torch.bool) for n, p in zip(self.names, self.params)}
-        return dict(zip(self.names, self.protected_for(self.current_task if self.config.scope == "per_task" else None)))
+        return dict(zip(self.names, self.protected_for(self.current_task)))
 
     def protected_fraction(self, task: Optional[str] = "__current__") -> float:
         """Return the realised fraction of isolatable coordinates protected (for `task`; per_task with
@@ -234,22 +255,36 @@ class EvolvingIsolation:
             for dst, src in zip(self.tracker.buffers[key], bufs):
                 dst.copy_(src)
 
+    def memory_bytes(self) -> Dict[str, int]:
+        """Return the engine's persistent bytes: importance, masks (stored sets + active extras) and
+        diagnostics (first mask, Spearman sample), counting shared storage once."""
+        seen = set()
+
+        def size(tensors) -> int:
+            total = 0
+            for t in tensors:
+                if t is not None and t.data_ptr() not in seen and t.numel():
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
+            return total
+        imp = size(b for bufs in self.tracker.buffers.values() for b in bufs)
+        imp += size(self.tracker.theta0 or [])
+        masks = size(m for v in self.sets.values() for m in v)
+        for a in self._active_cache.values():
+            masks += size(a.protected or []) + size(a.index or [])
+        diag = size(m for v in self._first.values() for m in v) + size(self._sample)
+        return {"importance": imp, "masks": masks, "diagnostics": diag, "params": sum(self.numels)}
+
     def mask_digest(self) -> str:
         """Return a sha256 digest of the current protected sets (identical masks → identical digests)."""
         h = hashlib.sha256()
         for key in sorted(self.sets):
             h.update(key.encode())
-            for m in self.sets[key]:
+            for m in self._bools(self.sets[key]):
                 h.update(m.cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     # ---- refresh -------------------------------------------------------------------------------------
-    def _needs(self) -> Tuple[bool, bool]:
-        mode = self.isolator.mode if self.isolator is not None else "restore"
-        need_keep = self.config.mask_format == "bool"
-        need_index = mode == "restore" or self.config.mask_format == "index"
-        return need_keep, need_index
-
     def _after_step(self) -> None:
         self.step += 1
         self._observed = False
@@ -270,7 +305,8 @@ class EvolvingIsolation:
             if self.tracker.updates.get(key, 0) == 0:
                 continue
             new[key] = top_p_masks(imp, cfg.ratio, normalize=cfg.normalize, quota=cfg.quota,
-                                   numels=self.numels, group=self.group, previous=self.sets.get(key),
+                                   numels=self.numels, group=self.group,
+                                   previous=self._bools(self.sets[key]) if key in self.sets else None,
                                    hysteresis=cfg.hysteresis)
         if not new:
             return
@@ -279,15 +315,17 @@ class EvolvingIsolation:
         self._install({**self.sets, **new})
 
     def _install(self, sets: Dict[str, List[torch.Tensor]]) -> None:
+        if self.config.mask_format == "index":
+            sets = {k: [to_index(m) if m.dtype == torch.bool else m for m in v] for k, v in sets.items()}
         self.sets = sets
         self._active_cache.clear()
         self._active_version += 1
         if self.config.track_first:
             for key, masks in sets.items():
-                self._first.setdefault(key, [m.reshape(-1).nonzero().reshape(-1).to(torch.int32) for m in masks])
+                self._first.setdefault(key, [to_index(m) if m.dtype == torch.bool else m.clone() for m in masks])
 
     def _drift(self, key: str, masks: List[torch.Tensor]) -> dict:
-        prev = self.sets.get(key)
+        prev = self._bools(self.sets[key]) if key in self.sets else None
         stats = mask_overlap(prev, masks) if prev is not None else {"jaccard": None, "churn": None,
                                                                      "released_fraction": None}
         first = self._first.get(key)

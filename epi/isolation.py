@@ -94,14 +94,10 @@ class Isolator:
     # ---- grad-mode pieces ----------------------------------------------------------------------------
     def _clean_moments(self, active) -> None:
         """Zero exp_avg on protected coordinates so their Adam update is exactly 0 (idempotent)."""
-        bufs, keeps = [], []
-        for p, keep in zip(self.engine.params, active.keep):
+        for p, m in zip(self.engine.params, active.protected):
             state = self.optimizer.state.get(p)
             if state and "exp_avg" in state:
-                bufs.append(local(state["exp_avg"]))
-                keeps.append(keep)
-        if bufs:
-            torch._foreach_mul_(bufs, keeps)
+                local(state["exp_avg"]).masked_fill_(m, 0.0)
 
     def _weight_decay(self, active) -> None:
         """Apply the groups' weight decay ourselves, to free coordinates only."""
@@ -114,11 +110,11 @@ class Isolator:
                 if p.grad is None:
                     continue  # torch skips parameters without a gradient entirely
                 slot = self._slot.get(id(p))
-                keep = None if active is None or slot is None else active.keep[slot]
+                # ~protected is a transient, one tensor at a time: the engine stores only the mask.
+                keep = None if active is None or slot is None else ~active.protected[slot]
                 x = local(p)
                 if self.coupled_decay:  # Adam: L2 added to the gradient
-                    g = local(p.grad)
-                    g.add_(x * keep if keep is not None else x, alpha=wd)
+                    local(p.grad).add_(x * keep if keep is not None else x, alpha=wd)
                 elif keep is None:
                     x.mul_(1.0 - lr * wd)
                 else:

