@@ -24,6 +24,62 @@ def _bench(args) -> int:
     return 0
 
 
+def _overrides(args) -> dict:
+    out = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    for key in ("protocol", "seed", "method"):
+        if getattr(args, key, None) is not None:
+            out[key] = getattr(args, key)
+    if getattr(args, "tasks", None):
+        out["tasks"] = args.tasks.split(",")
+    if getattr(args, "train_tasks", None):
+        out["train_tasks"] = args.train_tasks.split(",")
+    return out
+
+
+def _run(args) -> int:
+    from .experiment import resolve
+    from .runner import run_experiment
+    try:
+        config = resolve(args.profile, **_overrides(args))
+    except ValueError as e:
+        print(f"error: invalid run configuration: {e}", file=sys.stderr)
+        return 2
+    print(f"run {config.run_name} · profile {config.profile} · out {args.out}")
+    record = run_experiment(config, args.out, say=print)
+    scores = " ".join(f"{t}={v:.2f}" for t, v in record["final_scores"].items())
+    print(f"done {config.run_name} in {record['wall_s']} s · final {scores}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import compare, summary_table, write_summary
+    df = compare(args.root)
+    print(summary_table(df))
+    if args.out:
+        write_summary(df, args.out, f"python -m epi compare {args.root} --out {args.out}")
+        print(f"wrote {args.out}/summary.csv and summary.md")
+    return 0
+
+
+def _base(args) -> int:
+    from .base import base_dir, base_meta, build_base
+    from .experiment import resolve
+    cfg = resolve(args.profile, seed=args.seed)
+    folder = base_dir(cfg)
+    if not (folder / "meta.json").exists() or args.force:
+        build_base(cfg)
+    meta = base_meta(folder)
+    print(f"tiny-base seed {args.seed} ({args.profile}): {folder}")
+    print(" ".join(f"{t}={s['score']:.2f}" for t, s in meta["scores"].items()), f"· built in {meta['wall_s']} s")
+    return 0
+
+
 def _reproduce(args) -> int:
     from .reproduce import main as reproduce_main
     return reproduce_main(profile=args.profile, seed=args.seed, out=args.out)
@@ -46,6 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq", type=int, default=128)
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=_bench)
+
+    run = sub.add_parser("run", help="run one experiment (resumes from its checkpoint when restarted)")
+    run.add_argument("--method", default="full_sft")
+    run.add_argument("--profile", default="cpu")
+    run.add_argument("--protocol", default=None)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--tasks", default=None, help="comma-separated task names")
+    run.add_argument("--train-tasks", dest="train_tasks", default=None, help="forgetting protocol: tasks trained")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any experiment setting")
+    run.add_argument("--out", default="artifacts/runs")
+    run.set_defaults(func=_run)
+
+    c = sub.add_parser("compare", help="table of method × task (mean ± sd over seeds) from finished runs")
+    c.add_argument("root")
+    c.add_argument("--out", default=None, help="folder for summary.csv and summary.md")
+    c.set_defaults(func=_compare)
+
+    ba = sub.add_parser("base", help="pre-train and cache tiny-base for a seed")
+    ba.add_argument("--profile", default="cpu")
+    ba.add_argument("--seed", type=int, default=0)
+    ba.add_argument("--force", action="store_true")
+    ba.set_defaults(func=_base)
 
     r = sub.add_parser("reproduce", help="the main job on a profile (see README)")
     r.add_argument("--profile", default="cpu")

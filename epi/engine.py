@@ -251,9 +251,12 @@ class EvolvingIsolation:
     def seed_importance(self, buffers: Dict[str, Sequence[torch.Tensor]]) -> None:
         """Start from importance tracked elsewhere (e.g. during the base model's pre-training)."""
         for key, bufs in buffers.items():
+            if isinstance(bufs, dict):
+                bufs = [bufs[n] for n in self.names]
             self.tracker._buffers(key)
             for dst, src in zip(self.tracker.buffers[key], bufs):
                 dst.copy_(src)
+            self.tracker.updates[key] = max(1, self.tracker.updates[key])  # holds information: refresh it
 
     def memory_bytes(self) -> Dict[str, int]:
         """Return the engine's persistent bytes: importance, masks (stored sets + active extras) and

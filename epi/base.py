@@ -1,0 +1,108 @@
+"""`tiny-base`: the tiny model pre-trained on a general mix of the five abilities — the CPU stand-in for the
+paper's pretrained LLM (sequential SFT from a random init forgets everything; CPU_STUDY.md Q2).
+
+  python -m epi base --profile cpu --seed S     # about a minute on 2 cores; cached per seed
+
+While pre-training, the base phase tracks the importance (EMA of g²) globally and per task without
+isolating anything, so SFT runs can start EPI and EWC from what the base model found important.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .config import EPIConfig
+from .engine import isolatable
+from .importance import ImportanceTracker
+
+log = logging.getLogger(__name__)
+
+
+def _key(cfg) -> str:
+    fields = dict(seed=cfg.seed, steps=cfg.base_steps, lr=cfg.base_lr, batch=cfg.batch_size, difficulty=cfg.difficulty,
+                  records=cfg.train_records, max_length=cfg.max_length, beta=cfg.beta, version=1)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def base_dir(cfg, cache_dir: Optional[str] = None) -> Path:
+    """Return the cache folder of the base model for this config's base settings and seed."""
+    from .models import cache_root
+    return cache_root(cache_dir) / "base" / f"tiny-base-s{cfg.seed}-{_key(cfg)}"
+
+
+def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> Path:
+    """Pre-train the tiny model on a balanced mix of all abilities and cache it; return its folder."""
+    from .data import StepData, balanced_schedule, eval_records, make_batchers
+    from .models import load_model, save_model
+    from .tasks import ABILITIES, evaluate
+    from .train import TrainConfig, make_optimizer, seed_everything, train_steps
+
+    out = base_dir(cfg, cache_dir)
+    t0 = time.time()
+    seed_everything(cfg.seed)
+    model, tok = load_model("tiny", seed=cfg.seed)
+    tasks = list(ABILITIES)
+    batchers = make_batchers(tok, tasks, n=cfg.train_records, seed=cfg.seed, batch_size=cfg.batch_size,
+                             max_length=cfg.max_length, difficulty=cfg.difficulty)
+    per_task = -(-cfg.base_steps // len(tasks))
+    data = StepData(batchers, balanced_schedule(tasks, per_task, seed=cfg.seed + 7919)[:cfg.base_steps])
+    opt = make_optimizer(model, TrainConfig(lr=cfg.base_lr, weight_decay=cfg.weight_decay, steps=cfg.base_steps))
+    params = [p for _, p in isolatable(model, EPIConfig())]
+    names = [n for n, _ in isolatable(model, EPIConfig())]
+    glob = ImportanceTracker(params, EPIConfig(score="fisher", beta=cfg.beta, scope="global"))
+    per = ImportanceTracker(params, EPIConfig(score="fisher", beta=cfg.beta, scope="per_task"))
+
+    class Track:
+        def after_backward(self, model, task, step):
+            glob.update(None)
+            per.update(task)
+
+        def after_step(self, model, task, step):
+            pass
+
+    state = train_steps(model, opt, data, steps=len(data), plugins=[Track()], clip=cfg.clip,
+                        desc="tiny-base" if progress else None)
+    scores = evaluate(model, tok, {t: eval_records(t, cfg.eval_records, cfg.difficulty) for t in tasks})
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, tok, out)
+    importance = {"global": {n: b for n, b in zip(names, glob.buffers["global"])},
+                  **{t: {n: b for n, b in zip(names, bufs)} for t, bufs in per.buffers.items()}}
+    torch.save(importance, out / "importance.pt")
+    meta = {"command": f"python -m epi base --profile {cfg.profile} --seed {cfg.seed}", "seed": cfg.seed,
+            "steps": cfg.base_steps, "lr": cfg.base_lr, "tasks": tasks, "scores": scores,
+            "final_loss": sum(state.losses[-50:]) / len(state.losses[-50:]), "wall_s": round(time.time() - t0, 1),
+            "torch_threads": torch.get_num_threads()}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    log.info("built %s in %.0f s: %s", out, meta["wall_s"], {t: round(s["score"], 2) for t, s in scores.items()})
+    return out
+
+
+def ensure_base(cfg, cache_dir: Optional[str] = None) -> Path:
+    """Return the cached base folder for this config, building it first if it is missing."""
+    out = base_dir(cfg, cache_dir)
+    if not (out / "meta.json").exists():
+        build_base(cfg, cache_dir)
+    return out
+
+
+def load_base(seed: int = 0, profile: str = "cpu", cache_dir: Optional[str] = None, **overrides) -> Tuple:
+    """Return (model, tokenizer) of tiny-base for a seed and profile (built and cached on first use)."""
+    from .experiment import resolve
+    from .models import load_model
+    cfg = resolve(profile, seed=seed, **overrides)
+    return load_model(str(ensure_base(cfg, cache_dir)))
+
+
+def load_base_importance(folder: Path) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Return the base phase's importance: {"global" | task: {param name: EMA of g²}}."""
+    return torch.load(Path(folder) / "importance.pt", map_location="cpu", weights_only=True)
+
+
+def base_meta(folder: Path) -> dict:
+    return json.loads((Path(folder) / "meta.json").read_text())

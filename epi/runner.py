@@ -1,0 +1,258 @@
+"""The experiment runner: a config → a run → a results record (JSON), resumable from checkpoints.
+
+  python -m epi run --method epi --profile cpu --seed 0 --out artifacts/runs
+
+Every method runs on the same loop, data order, seeds and kernels; only the method object differs.
+A run interrupted and restarted with the same command resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .config import EPIConfig
+from .engine import EvolvingIsolation, isolatable
+from .experiment import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+
+def environment() -> dict:
+    """Return library versions and hardware of this process (for the results record)."""
+    import numpy
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": numpy.__version__, "platform": platform.platform(), "processor": platform.processor(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads()}
+
+
+def peak_memory_mb() -> float:
+    import resource
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Run:
+    """One experiment in progress: model, data, optimizer, engine, method, evaluations."""
+
+    def __init__(self, config: ExperimentConfig, out: Path, say: Callable[[str], None] = log.info):
+        from .methods import make_method
+        self.config, self.out, self.say = config, Path(out), say
+        self.method = make_method(config.method, config.protocol)
+        self.engine: Optional[EvolvingIsolation] = None
+        self._base_folder: Optional[Path] = None
+
+    # ---- model and data ----------------------------------------------------------------------------
+    def load_start(self):
+        from .models import load_model
+        cfg = self.config
+        if cfg.model == "tiny-base":
+            from .base import ensure_base
+            self._base_folder = ensure_base(cfg)
+            return load_model(str(self._base_folder))
+        return load_model(cfg.model, seed=cfg.seed)
+
+    def base_importance(self, scope: str) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Return the base phase's tracked importance for `scope` ({} when the start model has none)."""
+        if self._base_folder is None:
+            return {}
+        from .base import load_base_importance
+        imp = load_base_importance(self._base_folder)
+        if scope == "global":
+            return {"global": imp["global"]}
+        return {k: v for k, v in imp.items() if k != "global" and k in self.config.tasks}
+
+    def epi_config(self, **changes) -> EPIConfig:
+        cfg = self.config
+        values = dict(score=cfg.score, beta=cfg.beta, ratio=cfg.ratio, refresh_every=cfg.refresh_every,
+                      warmup_steps=cfg.warmup_steps, normalize=cfg.normalize, seed=cfg.seed)
+        values.update(changes)
+        return EPIConfig(**values)
+
+    def random_ratio(self) -> float:
+        """Return the random control's protected share: given, or matched to `random_match`'s run."""
+        cfg = self.config
+        if cfg.random_ratio is not None:
+            return cfg.random_ratio
+        match = self.out.parent / cfg.run_name.replace(f"-{cfg.method}-", f"-{cfg.random_match}-") / "results.json"
+        if not match.exists():
+            raise ValueError(f"method 'random' needs random_ratio or a finished {cfg.random_match!r} run with the "
+                             f"same protocol and seed in the same folder ({match} is missing); run it first")
+        return float(json.loads(match.read_text())["protected_fraction_mean"])
+
+    def start_isolatable(self) -> List[torch.Tensor]:
+        return [p.detach().clone() for p in self.iso_params]
+
+    @torch.no_grad()
+    def load_isolatable(self, tensors: List[torch.Tensor]) -> None:
+        for p, t in zip(self.iso_params, tensors):
+            p.copy_(t)
+
+    def probe(self, tasks: List[str], steps: int):
+        """Return ({task: [Δθ]}, {task: [θ_probe]}): short single-task fine-tunes from the start weights
+        (CPI-FT Stage 1), on the isolatable tensors, each with a fresh optimizer."""
+        from .data import StepData
+        from .train import TrainConfig, make_optimizer, train_steps
+        cfg = self.config
+        start = self.start_isolatable()
+        deltas, probes = {}, {}
+        for t in tasks:
+            model = copy.deepcopy(self.model)
+            opt = make_optimizer(model, TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
+            train_steps(model, opt, StepData(self.batchers, [t] * steps), steps=steps, clip=cfg.clip,
+                        desc=f"probe {t}")
+            params = [p for _, p in isolatable(model, EPIConfig())]
+            probes[t] = [p.detach().clone() for p in params]
+            deltas[t] = [p - s for p, s in zip(probes[t], start)]
+        return deltas, probes
+
+    def evaluate(self) -> Dict[str, dict]:
+        from .tasks import evaluate
+        return evaluate(self.model, self.tokenizer, self.eval_sets)
+
+    # ---- the run -----------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        from .data import StepData, balanced_schedule, eval_records, make_batchers, with_replay
+        from .train import (LoopState, TrainConfig, load_checkpoint, make_optimizer, save_checkpoint,
+                            seed_everything, train_steps)
+        cfg = self.config
+        t0 = time.time()
+        torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.model, self.tokenizer = self.load_start()
+        self.iso_params = [p for _, p in isolatable(self.model, EPIConfig())]
+        all_tasks = list(dict.fromkeys(cfg.tasks))
+        self.eval_sets = {t: eval_records(t, cfg.eval_records, cfg.difficulty, cfg.data_source) for t in all_tasks}
+        self.batchers = make_batchers(self.tokenizer, all_tasks, n=cfg.train_records, seed=cfg.seed,
+                                      batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                      difficulty=cfg.difficulty, source=cfg.data_source)
+        ckpt_path = self.out / "checkpoint.pt"
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+        if ckpt is not None:
+            self.method.load_state_dict(ckpt["extra"]["method"])
+        record = ckpt["extra"]["record"] if ckpt is not None else None
+        if record is None:
+            self.base_eval = self.evaluate()
+        else:
+            self.base_eval = record["base_scores"]
+        engine_cfg = self.method.engine_config(self)
+        if engine_cfg is not None:
+            self.engine = EvolvingIsolation(self.model, engine_cfg)
+        self.method.prepare(self)
+        self.stage_list = self.method.stages(self)
+        opt = make_optimizer(self.model, TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
+        if self.engine is not None:
+            self.engine.attach(opt)
+        if record is None:
+            record = {"config": cfg.to_dict(), "seed": cfg.seed, "environment": environment(),
+                      "stages": self.stage_list, "base_scores": self.base_eval, "stage_scores": [],
+                      "evals": [], "losses": [], "loss_tasks": [], "protected_fraction": [],
+                      "cpift": None}
+        # the global step schedule: stages back to back, replay folded in
+        schedule, bounds = [], []
+        for k, tasks in enumerate(self.stage_list):
+            part = balanced_schedule(tasks, cfg.steps_per_task, seed=cfg.seed * 1000 + k)
+            part = with_replay(part, self.method.replay_tasks(self, k), cfg.replay_fraction, seed=cfg.seed * 1000 + 500 + k)
+            bounds.append((len(schedule), len(schedule) + len(part)))
+            schedule += part
+        data = StepData(self.batchers, schedule)
+        state = LoopState()
+        if ckpt is not None:
+            state, _ = load_checkpoint(ckpt_path, model=self.model, optimizer=opt, engine=self.engine)
+            self.say(f"resumed {cfg.run_name} at step {state.step}/{len(schedule)}")
+        plugins = self.method.plugins(self)
+        last_stage = len(self.stage_list) - 1
+        for k, (lo, hi) in enumerate(bounds):
+            if state.step >= hi:
+                continue
+            if state.step <= lo or self.engine is not None:
+                self.method.stage_start(self, k, self.stage_list[k])
+                if ckpt is not None and self.engine is not None and state.step > lo:
+                    self.engine.load_state_dict(ckpt["engine"])  # keep the resumed engine state
+
+            def after(st, k=k, lo=lo, hi=hi):
+                if self.engine is not None and self.engine.sets:
+                    record["protected_fraction"].append(self.engine.protected_fraction(
+                        None if self.engine.config.scope == "per_task" else "__current__"))
+                if k == last_stage and cfg.eval_every and st.step < hi and (st.step - lo) % cfg.eval_every == 0:
+                    record["evals"].append({"step": st.step, "scores": self.evaluate()})
+                if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < len(schedule):
+                    record["losses"], record["loss_tasks"] = st.losses, st.tasks
+                    save_checkpoint(ckpt_path, model=self.model, optimizer=opt, state=st, engine=self.engine,
+                                    extra={"method": self.method.state_dict(), "record": record})
+            state = train_steps(self.model, opt, data, steps=hi, state=state, engine=self.engine, plugins=plugins,
+                                clip=cfg.clip, callback=after, desc=f"stage {k + 1}/{len(self.stage_list)}")
+            self.method.stage_end(self, k, self.stage_list[k])
+            scores = self.evaluate()
+            record["stage_scores"].append(scores)
+            if k == last_stage:
+                record["evals"].append({"step": state.step, "scores": scores})
+            self.say(f"stage {k + 1}/{len(self.stage_list)} {'+'.join(self.stage_list[k])}: "
+                     + " ".join(f"{t}={s['score']:.2f}" for t, s in scores.items()))
+        record["losses"], record["loss_tasks"] = state.losses, state.tasks
+        return self.finish(record, t0)
+
+    def finish(self, record: dict, t0: float) -> dict:
+        cfg = self.config
+        last = record["evals"][-cfg.eval_last:]
+        record["final_scores"] = {t: sum(e["scores"][t]["score"] for e in last) / len(last) for t in cfg.tasks}
+        record["final_losses"] = {t: record["stage_scores"][-1][t]["loss"] for t in cfg.tasks}
+        pf = record["protected_fraction"]
+        record["protected_fraction_mean"] = sum(pf) / len(pf) if pf else 0.0
+        record["drift"] = self.engine.history if self.engine is not None else []
+        record["mask_digest"] = self.engine.mask_digest() if self.engine is not None else None
+        record["engine_memory"] = self.engine.memory_bytes() if self.engine is not None else None
+        if hasattr(self.method, "groups") and getattr(self.method, "groups"):
+            record["cpift"] = {"groups": self.method.groups, "similarity": self.method.similarity}
+        record["wall_s"] = round(time.time() - t0, 1)
+        record["peak_memory_mb"] = round(peak_memory_mb(), 1)
+        return record
+
+
+def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable[[str], None] = log.info) -> dict:
+    """Run (or resume, or skip if finished) one experiment; return its results record."""
+    out = Path(out_root) / config.run_name
+    results = out / "results.json"
+    if results.exists():
+        say(f"{config.run_name}: already finished ({results})")
+        return json.loads(results.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(config, out, say)
+    if config.method == "random":
+        run.random_ratio()  # fail before training when the matched run is missing
+    if config.protocol == "reference":
+        record = run_references(config, out, say)
+    else:
+        record = run.execute()
+    tmp = results.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=float))
+    tmp.replace(results)
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    return record
+
+
+def run_references(config: ExperimentConfig, out: Path, say) -> dict:
+    """Single-task references: each task alone from the start model, `steps_per_task` steps."""
+    from dataclasses import replace
+    if config.method != "full_sft":
+        raise ValueError("protocol 'reference' trains each task alone with full_sft")
+    t0 = time.time()
+    per_task = {}
+    for t in config.tasks:
+        sub = replace(config, protocol="forgetting", tasks=list(config.tasks), train_tasks=[t])
+        rec = Run(sub, out / t, say).execute()
+        per_task[t] = {"final_score": rec["final_scores"][t], "final_loss": rec["final_losses"][t],
+                       "evals": rec["evals"]}
+        say(f"reference {t}: {rec['final_scores'][t]:.2f}")
+    return {"config": config.to_dict(), "seed": config.seed, "environment": environment(),
+            "references": per_task, "final_scores": {t: v["final_score"] for t, v in per_task.items()},
+            "wall_s": round(time.time() - t0, 1), "peak_memory_mb": round(peak_memory_mb(), 1)}
