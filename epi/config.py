@@ -52,6 +52,8 @@ class EPIConfig:
     spearman_sample: size of the fixed random sample of coordinates used for rank-correlation drift.
     track_first: keep the first mask (as indices) to report Jaccard to the first mask at every refresh.
     check_finite: skip (and count) steps whose gradients hold NaN/inf when folding importance.
+    isolate: False = monitor only — track importance, refresh masks and log drift, protect nothing
+        (how notebook 01 measures drift under plain SFT with the same code path).
     seed: seed of the Spearman sample and of random masks.
     """
 
@@ -76,6 +78,7 @@ class EPIConfig:
     spearman_sample: int = 4096
     track_first: bool = True
     check_finite: bool = True
+    isolate: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

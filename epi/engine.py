@@ -140,7 +140,8 @@ class EvolvingIsolation:
         # A static mask no longer needs the EMA: skip that work once the mask is fixed.
         if self.state == "tracking" or (self.state == "isolating" and self.step % self.config.score_every == 0):
             self.tracker.update(task)
-        if self.config.mask_grads or (self.isolator is not None and self.isolator.mode == "grad"):
+        if self.config.isolate and (self.config.mask_grads or (self.isolator is not None
+                                                               and self.isolator.mode == "grad")):
             self.mask_gradients()
         self._observed = True
 

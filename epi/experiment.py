@@ -58,6 +58,8 @@ class ExperimentConfig:
     random_match: str = "epi_per_task"      # random: the method whose realised protected share is matched
     base_steps: int = 1500                  # tiny-base pre-training steps (general mix of the abilities)
     base_lr: float = 2e-3
+    monitor: bool = False                   # non-isolating methods: track importance and masks anyway (drift)
+    snapshots: bool = False                 # save every refresh's masks + an importance sample (snapshots.npz)
     threads: int = 1
     checkpoint_every: int = 200             # steps between resumable checkpoints (0 = never)
 

@@ -24,8 +24,11 @@ if TYPE_CHECKING:  # pragma: no cover
 _ADAM = (torch.optim.Adam, torch.optim.AdamW)
 
 
-def resolve_mode(mode: str, optimizer: torch.optim.Optimizer, scope: str, mask_format: str) -> str:
-    """Return the concrete isolation mode ("grad" or "restore") for this optimizer and config."""
+def resolve_mode(mode: str, optimizer: torch.optim.Optimizer, scope: str, mask_format: str,
+                 isolate: bool = True) -> str:
+    """Return the concrete isolation mode ("grad", "restore", or "monitor" when not isolating)."""
+    if not isolate:
+        return "monitor"
     if mode == "grad" and not isinstance(optimizer, _ADAM):
         raise ValueError(f"mode='grad' is exact only for torch.optim.Adam/AdamW, got {type(optimizer).__name__}; "
                          "use mode='restore' (exact for any optimizer)")
@@ -43,7 +46,7 @@ class Isolator:
         self.engine = engine
         self.optimizer = optimizer
         cfg = engine.config
-        self.mode = resolve_mode(cfg.mode, optimizer, cfg.scope, cfg.mask_format)
+        self.mode = resolve_mode(cfg.mode, optimizer, cfg.scope, cfg.mask_format, cfg.isolate)
         self.coupled_decay = isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW)
         self._stash: Optional[List[torch.Tensor]] = None
         self._applied_version = None  # which active mask the moments were last cleaned for
@@ -71,6 +74,8 @@ class Isolator:
         eng = self.engine
         if not eng._observed:
             eng.observe(eng.current_task)
+        if self.mode == "monitor":
+            return
         active = eng.active()
         if self.mode == "grad":
             if active is not None and self._applied_version != eng._active_version:

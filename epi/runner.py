@@ -145,7 +145,11 @@ class Run:
         else:
             self.base_eval = record["base_scores"]
         engine_cfg = self.method.engine_config(self)
-        if engine_cfg is not None:
+        if engine_cfg is None and cfg.monitor:  # drift under plain training: same engine, nothing protected
+            engine_cfg = self.epi_config(isolate=False)
+            self.engine = EvolvingIsolation(self.model, engine_cfg)
+            self.engine.seed_importance(self.base_importance("global"))
+        elif engine_cfg is not None:
             self.engine = EvolvingIsolation(self.model, engine_cfg)
         self.method.prepare(self)
         self.stage_list = self.method.stages(self)
@@ -170,6 +174,7 @@ class Run:
             state, _ = load_checkpoint(ckpt_path, model=self.model, optimizer=opt, engine=self.engine)
             self.say(f"resumed {cfg.run_name} at step {state.step}/{len(schedule)}")
         plugins = self.method.plugins(self)
+        self._snapped, self._snapshots = 0, {}
         last_stage = len(self.stage_list) - 1
         for k, (lo, hi) in enumerate(bounds):
             if state.step >= hi:
@@ -180,7 +185,9 @@ class Run:
                     self.engine.load_state_dict(ckpt["engine"])  # keep the resumed engine state
 
             def after(st, k=k, lo=lo, hi=hi):
-                if self.engine is not None and self.engine.sets:
+                if cfg.snapshots and self.engine is not None and len(self.engine.history) > self._snapped:
+                    self.snapshot()
+                if self.engine is not None and self.engine.sets and self.engine.config.isolate:
                     record["protected_fraction"].append(self.engine.protected_fraction(
                         None if self.engine.config.scope == "per_task" else "__current__"))
                 if k == last_stage and cfg.eval_every and st.step < hi and (st.step - lo) % cfg.eval_every == 0:
@@ -201,8 +208,25 @@ class Run:
         record["losses"], record["loss_tasks"] = state.losses, state.tasks
         return self.finish(record, t0)
 
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Keep the masks (bit-packed) and an importance sample of the refreshes logged since the last call."""
+        import numpy as np
+        eng = self.engine
+        for entry in eng.history[self._snapped:]:
+            key, step = entry["scope_key"], entry["step"]
+            for name, m in zip(eng.names, eng._bools(eng.sets[key])):
+                self._snapshots[f"mask/{step}/{key}/{name}"] = np.packbits(m.cpu().numpy().reshape(-1))
+            self._snapshots[f"sample/{step}/{key}"] = eng._sample_prev[key].numpy()
+        self._snapped = len(eng.history)
+
     def finish(self, record: dict, t0: float) -> dict:
         cfg = self.config
+        if cfg.snapshots and self._snapshots:
+            import numpy as np
+            np.savez_compressed(self.out / "snapshots.npz", **self._snapshots)
+            record["snapshots"] = "snapshots.npz"
+            record["param_shapes"] = {n: list(p.shape) for n, p in zip(self.engine.names, self.engine.params)}
         last = record["evals"][-cfg.eval_last:]
         record["final_scores"] = {t: sum(e["scores"][t]["score"] for e in last) / len(last) for t in cfg.tasks}
         record["final_losses"] = {t: record["stage_scores"][-1][t]["loss"] for t in cfg.tasks}

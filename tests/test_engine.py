@@ -326,3 +326,20 @@ def test_bad_configuration_lists_allowed_values():
         EPIConfig(score="hessian")
     with pytest.raises(ValueError, match="unknown EPIConfig field"):
         EPIConfig.from_dict({"ratioo": 0.1})
+
+
+def test_monitor_mode_logs_drift_but_protects_nothing():
+    model = small_llama()
+    iso = EvolvingIsolation(model, EPIConfig(ratio=0.1, refresh_every=3, warmup_steps=3, isolate=False))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    iso.attach(opt)
+    moved = 0
+    for task, x in batches(12):
+        model(input_ids=x, labels=x).loss.backward()
+        iso.observe(task)
+        protected = [m.clone() for m in iso.protected_for(task)]
+        before = [p.detach().clone() for p in iso.params]
+        opt.step(); opt.zero_grad()
+        moved += sum(int(((p.detach() - b) != 0)[m].sum()) for p, b, m in zip(iso.params, before, protected))
+    assert iso.isolator.mode == "monitor" and len(iso.history) == 4
+    assert moved > 0 and opt.param_groups[0]["weight_decay"] == 0.1

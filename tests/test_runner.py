@@ -1,0 +1,89 @@
+"""The experiment runner: every method runs in the smoke profile, resume is exact, bad configs fail early."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from epi.compare import compare, summary_table, write_summary
+from epi.experiment import resolve
+from epi.methods import METHODS
+from epi.runner import run_experiment
+
+SMOKE = dict(tasks=["math", "instruction", "chat"], steps_per_task=8, eval_records=4, eval_every=4)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "random") + ["random"])
+def test_every_method_runs_in_the_smoke_profile(method, runs):
+    cfg = resolve("smoke", method=method, seed=0, **SMOKE)
+    rec = run_experiment(cfg, runs)
+    assert set(rec["final_scores"]) == set(SMOKE["tasks"])
+    assert all(0.0 <= s <= 1.0 for s in rec["final_scores"].values())
+    assert len(rec["losses"]) == sum(len(s) for s in rec["stages"]) * SMOKE["steps_per_task"]
+    assert len(rec["stage_scores"]) == len(rec["stages"])
+    assert sorted(t for s in rec["stages"] for t in s) == sorted(SMOKE["tasks"])
+    if method in ("epi", "epi_per_task", "static", "random"):
+        assert rec["mask_digest"] and rec["protected_fraction_mean"] >= 0.0
+    if method == "random":  # matched to epi_per_task's realised share on the same seed
+        matched = json.loads((runs / "mix-epi_per_task-s0" / "results.json").read_text())
+        assert abs(rec["protected_fraction_mean"] - matched["protected_fraction_mean"]) < 0.01
+    assert (runs / cfg.run_name / "results.json").exists()
+    assert not (runs / cfg.run_name / "checkpoint.pt").exists()
+
+
+def test_compare_builds_the_method_by_task_table(runs, tmp_path):
+    df = compare(runs)
+    assert set(df["method"]) >= {"full_sft", "epi", "static"}
+    table = summary_table(df)
+    assert "| epi |" in table and "score_math" in table
+    write_summary(df, tmp_path, "python -m epi compare runs")
+    assert (tmp_path / "summary.csv").read_text().startswith("# made by: python -m epi compare")
+
+
+def test_interrupted_run_resumes_from_its_checkpoint_and_ends_identically(tmp_path):
+    cfg = resolve("smoke", method="epi_per_task", protocol="sequential", tasks=["math", "instruction"],
+                  steps_per_task=8, eval_records=4, eval_every=0, checkpoint_every=5)
+    full = run_experiment(cfg, tmp_path / "a")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_stage(msg):
+        if msg.startswith("stage 1/2"):
+            raise Stop
+    with pytest.raises(Stop):
+        run_experiment(cfg, tmp_path / "b", say=stop_after_first_stage)
+    assert (tmp_path / "b" / cfg.run_name / "checkpoint.pt").exists()
+    said = []
+    resumed = run_experiment(cfg, tmp_path / "b", say=said.append)
+    assert any(m.startswith("resumed") and "at step 5/16" in m for m in said)
+    assert resumed["losses"] == full["losses"]
+    assert resumed["final_scores"] == full["final_scores"]
+    assert resumed["mask_digest"] == full["mask_digest"]
+
+
+def test_invalid_configs_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match="ratio"):
+        resolve("smoke", ratio=1.5)
+    with pytest.raises(ValueError, match="unknown experiment setting"):
+        resolve("smoke", rato=0.1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        resolve("smoke", method="magic")
+    with pytest.raises(ValueError, match="train_tasks"):
+        resolve("smoke", protocol="forgetting", tasks=["math", "code"], train_tasks=["chat"])
+    with pytest.raises(ValueError, match="does not apply"):
+        run_experiment(resolve("smoke", method="multi_stage", protocol="forgetting"), tmp_path)
+    with pytest.raises(ValueError, match="run it first"):
+        run_experiment(resolve("smoke", method="random", seed=7), tmp_path)
+    assert not any(tmp_path.rglob("*.pt"))
+
+
+def test_cli_rejects_a_bad_config_with_a_clear_message(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "epi", "run", "--profile", "smoke", "--set", "ratio=1.5",
+                          "--out", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "ratio must be in (0, 1)" in out.stderr
