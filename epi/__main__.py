@@ -9,7 +9,7 @@ from typing import List, Optional
 
 def _data(args) -> int:
     from .tasks.synthetic import write_dataset
-    manifest = write_dataset(args.out, seed=args.seed)
+    manifest = write_dataset(args.out, seed=args.seed, difficulty=args.difficulty)
     print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=1))
     return 0
 
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="regenerate the EPI-Mini sample (byte-identical for a seed)")
     d.add_argument("--out", default="data/epi_mini")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--difficulty", type=int, default=1)
     d.set_defaults(func=_data)
 
     b = sub.add_parser("bench", help="engine benchmark: step, refresh and memory ratios from one run")

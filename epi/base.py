@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def _key(cfg) -> str:
+    from .tasks import ABILITIES, generate
+    # a fingerprint of the generated data, so a change of the task formats invalidates the cache
+    sample = [generate(t, 3, seed=cfg.seed, split="train", difficulty=cfg.difficulty) for t in ABILITIES]
     fields = dict(seed=cfg.seed, steps=cfg.base_steps, lr=cfg.base_lr, batch=cfg.batch_size, difficulty=cfg.difficulty,
-                  records=cfg.train_records, max_length=cfg.max_length, beta=cfg.beta, version=1)
+                  records=cfg.train_records, max_length=cfg.max_length, beta=cfg.beta, version=1, data=sample)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 

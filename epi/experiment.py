@@ -30,15 +30,15 @@ class ExperimentConfig:
     train_tasks: List[str] = field(default_factory=lambda: ["math", "code"])
     difficulty: int = 1
     data_source: str = "synthetic"          # "synthetic" (generated on the fly) or a folder/hub id per task
-    steps_per_task: int = 200               # optimizer steps per task in a stage (mix: total = T × this)
+    steps_per_task: int = 100               # optimizer steps per task in a stage (mix: total = T × this)
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.1
     clip: float = 1.0
     max_length: int = 128
     train_records: int = 4000               # generated training records per task
-    eval_records: int = 128                 # held-out test prompts per task
-    eval_every: int = 100                   # steps between evaluations inside the last stage (0 = stage ends only)
+    eval_records: int = 100                 # held-out test prompts per task
+    eval_every: int = 50                    # spacing of the last stage's final evaluations (0 = stage ends only)
     eval_last: int = 3                      # the mix is scored as the mean of the last k evaluations
     # isolation (shared by every isolating method so the comparison is fair)
     ratio: float = 0.1
@@ -56,7 +56,7 @@ class ExperimentConfig:
     replay_fraction: float = 0.2            # replay: share of batches drawn from earlier tasks
     random_ratio: Optional[float] = None    # random: protected share; None = match `random_match`'s realised share
     random_match: str = "epi_per_task"      # random: the method whose realised protected share is matched
-    base_steps: int = 1500                  # tiny-base pre-training steps (general mix of the abilities)
+    base_steps: int = 2000                  # tiny-base pre-training steps (general mix of the abilities)
     base_lr: float = 2e-3
     monitor: bool = False                   # non-isolating methods: track importance and masks anyway (drift)
     snapshots: bool = False                 # save every refresh's masks + an importance sample (snapshots.npz)

@@ -190,7 +190,9 @@ class Run:
                 if self.engine is not None and self.engine.sets and self.engine.config.isolate:
                     record["protected_fraction"].append(self.engine.protected_fraction(
                         None if self.engine.config.scope == "per_task" else "__current__"))
-                if k == last_stage and cfg.eval_every and st.step < hi and (st.step - lo) % cfg.eval_every == 0:
+                # the last stage is scored as the mean of its last `eval_last` evaluations, eval_every apart
+                if k == last_stage and cfg.eval_every and st.step < hi and (hi - st.step) % cfg.eval_every == 0 \
+                        and (hi - st.step) // cfg.eval_every < cfg.eval_last and st.step > lo:
                     record["evals"].append({"step": st.step, "scores": self.evaluate()})
                 if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < len(schedule):
                     record["losses"], record["loss_tasks"] = st.losses, st.tasks

@@ -8,8 +8,8 @@ as ``tests`` for code.
   or a hub id for the real datasets.
 - ``generate(ability, n, seed, split, difficulty)`` draws synthetic records on the fly (training).
 - ``score(name, prediction, record)`` returns a score in [0, 1].
-- ``evaluate`` and the SFT formatting helpers live in ``epi.tasks.evaluate`` / ``epi.tasks.formatting``
-  and are re-exported lazily here, so importing ``epi.tasks`` does not import torch.
+- ``evaluate`` (from ``epi.tasks.evaluate``) and the SFT formatting helpers (from
+  ``epi.tasks.formatting``, looked up on first use) are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,13 +25,19 @@ __all__ = ["ABILITIES", "DEFAULT_DIFFICULTY", "REAL_TASKS", "SPLITS", "evaluate"
            "load_task", "score", "split_of", "write_dataset"]
 
 
-def evaluate(*args: Any, **kwargs: Any) -> dict[str, dict]:
-    """Return per-task scores and loss; see ``epi.tasks.evaluate.evaluate`` (imported on first use)."""
-    from .evaluate import evaluate as _evaluate
+try:
+    # bound eagerly: a lazy wrapper would be replaced by the submodule object as soon as anything ran
+    # `import epi.tasks.evaluate` (Python binds a submodule onto its package on first import)
+    from .evaluate import evaluate
+except ModuleNotFoundError as err:   # pragma: no cover - only while evaluate.py does not exist yet
+    if err.name != f"{__name__}.evaluate":
+        raise
 
-    # importing the submodule bound `epi.tasks.evaluate` to the module; point it back at the function
-    globals()["evaluate"] = _evaluate
-    return _evaluate(*args, **kwargs)
+    def evaluate(*args: Any, **kwargs: Any) -> dict[str, dict]:
+        """Return per-task scores and loss; see ``epi.tasks.evaluate.evaluate``."""
+        from .evaluate import evaluate as _evaluate
+
+        return _evaluate(*args, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -203,7 +203,7 @@ def _dedupe(word: str) -> str:
 
 
 def _instruction(rng: random.Random, difficulty: int) -> dict:
-    length = rng.randint(*{1: (3, 4), 2: (5, 7), 3: (8, 10)}[difficulty])
+    length = {1: 4, 2: 6, 3: 8}[difficulty]   # fixed per level: copy offsets stay constant
     op = rng.choice(("reverse", "sort", "dedupe", "count", "upper", "sortnum", "max"))
     if op in ("sortnum", "max"):
         top = 9 if difficulty == 1 else 99

@@ -1,0 +1,104 @@
+"""The house style (seaborn) and the suite's figures, saved as PNG next to the run's outputs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+PALETTE = "colorblind"
+
+
+def set_style() -> None:
+    """Apply the house style: seaborn whitegrid, colour-blind palette, compact figures."""
+    import matplotlib
+    import seaborn as sns
+    sns.set_theme(style="whitegrid", palette=PALETTE, context="notebook")
+    matplotlib.rcParams.update({"figure.figsize": (6.0, 3.6), "figure.dpi": 100, "savefig.dpi": 150,
+                                "axes.titlesize": 11, "axes.labelsize": 10})
+
+
+def savefig(fig, name: str, out_dir: str | Path) -> Path:
+    """Save `fig` as `<out_dir>/figures/<name>.png` (no software tag, so bytes do not change with versions)."""
+    path = Path(out_dir) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight", metadata={"Software": None})
+    return path
+
+
+def _ax(ax):
+    import matplotlib.pyplot as plt
+    if ax is None:
+        _, ax = plt.subplots()
+    return ax
+
+
+def drift_curves(history: Sequence[dict], ax=None, key: Optional[str] = None, title: str = "Mask drift"):
+    """Plot Jaccard to the previous and to the first mask, and Spearman to the previous, per refresh."""
+    ax = _ax(ax)
+    rows = [h for h in history if key is None or h["scope_key"] == key]
+    steps = [h["step"] for h in rows]
+    for field, label in (("jaccard_prev", "Jaccard vs previous mask"), ("jaccard_first", "Jaccard vs first mask"),
+                         ("spearman_prev", "Spearman vs previous importance")):
+        ys = [np.nan if h.get(field) is None else h[field] for h in rows]
+        ax.plot(steps, ys, marker="o", ms=3, label=label)
+    ax.set(xlabel="optimizer step", ylabel="similarity", ylim=(-0.05, 1.05), title=title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def matrix_heatmap(matrix: np.ndarray, labels: Sequence, ax=None, title: str = "", vmin: float = 0.0,
+                   cmap: str = "viridis", annotate: bool = False):
+    """Plot a square similarity matrix (e.g. Jaccard of top-p sets across checkpoints)."""
+    import seaborn as sns
+    ax = _ax(ax)
+    sns.heatmap(matrix, xticklabels=labels, yticklabels=labels, vmin=vmin, vmax=1.0, cmap=cmap, ax=ax,
+                annot=annotate, fmt=".2f", square=True, cbar_kws={"shrink": 0.8})
+    ax.set_title(title)
+    return ax
+
+
+def per_layer_heatmap(history: Sequence[dict], ax=None, key: Optional[str] = None, title: str = "Protected share per tensor"):
+    """Plot each tensor's protected share at every refresh (rows: tensors, columns: refresh steps)."""
+    import seaborn as sns
+    ax = _ax(ax)
+    rows = [h for h in history if key is None or h["scope_key"] == key]
+    names = list(rows[0]["per_layer"])
+    data = np.array([[h["per_layer"][n] for h in rows] for n in names])
+    short = [n.replace("model.layers.", "L").replace(".weight", "").replace("self_attn.", "").replace("mlp.", "")
+             for n in names]
+    sns.heatmap(data, yticklabels=short, xticklabels=[h["step"] for h in rows], cmap="magma", ax=ax,
+                cbar_kws={"shrink": 0.8})
+    ax.set(xlabel="refresh step", title=title)
+    ax.tick_params(axis="y", labelsize=7)
+    return ax
+
+
+def method_bars(df, columns: Sequence[str], ax=None, title: str = "", ylabel: str = "score"):
+    """Plot mean ± sd over seeds of `columns` per method (grouped bars), seeds as dots."""
+    import pandas as pd
+    import seaborn as sns
+    ax = _ax(ax)
+    long = df.melt(id_vars=["method", "seed"], value_vars=list(columns), var_name="metric", value_name="value")
+    long["metric"] = long["metric"].str.replace("score_", "").str.replace("forgetting_", "")
+    sns.barplot(data=long, x="metric", y="value", hue="method", errorbar="sd", ax=ax, capsize=0.05)
+    ax.set(xlabel="", ylabel=ylabel, title=title)
+    ax.legend(fontsize=7, ncol=2)
+    return ax
+
+
+def lines(xs: Sequence, series: Dict[str, Sequence[float]], ax=None, xlabel: str = "", ylabel: str = "",
+          title: str = "", errors: Optional[Dict[str, Sequence[float]]] = None, logx: bool = False):
+    """Plot one line per series (optionally with ± error bands)."""
+    ax = _ax(ax)
+    for name, ys in series.items():
+        ys = np.asarray(ys, dtype=float)
+        ax.plot(xs, ys, marker="o", ms=4, label=name)
+        if errors and name in errors:
+            e = np.asarray(errors[name], dtype=float)
+            ax.fill_between(xs, ys - e, ys + e, alpha=0.2)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    return ax

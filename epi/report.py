@@ -1,0 +1,74 @@
+"""The reproduction report: artifacts/report.md assembled from what each notebook measured.
+
+Each notebook ends by calling `write_summary(OUTPUT_DIR, ...)`, which stores `summary.json`: its claims
+(claim, what was measured, verdict), markdown tables and figure paths. `write_report` collects them in
+notebook order into one claim-by-claim table followed by each notebook's tables and figures.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+VERDICTS = ("supported", "not supported", "mixed", "not measured")
+
+
+def claim(claim: str, measured: str, verdict: str, evidence: str = "") -> dict:
+    """Return one claim row; verdict is one of VERDICTS (say "not supported" when it is not)."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    return {"claim": claim, "measured": measured, "verdict": verdict, "evidence": evidence}
+
+
+def write_summary(out: str | Path, notebook: str, *, profile: str, seeds: Sequence[int], claims: List[dict],
+                  tables: Optional[Dict[str, str]] = None, figures: Optional[List[str]] = None,
+                  numbers: Optional[dict] = None) -> Path:
+    """Write `<out>/summary.json` for the report; return its path."""
+    import torch
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
+    figs = []
+    for f in figures or []:
+        p = Path(f)
+        figs.append(str(p.relative_to(out)) if p.is_absolute() and out in p.parents else str(p))
+    data = {"notebook": notebook, "profile": profile, "seeds": list(seeds), "hardware": hardware,
+            "date": time.strftime("%Y-%m-%d"), "claims": claims, "tables": tables or {}, "figures": figs,
+            "numbers": numbers or {}}
+    path = out / "summary.json"
+    path.write_text(json.dumps(data, indent=1, default=float))
+    return path
+
+
+def write_report(artifacts: str | Path, out: Optional[str | Path] = None, title: str = "EPI reproduction report") -> Path:
+    """Collect every `<artifacts>/*/summary.json` into `<artifacts>/report.md`; return its path."""
+    artifacts = Path(artifacts)
+    summaries = [json.loads(p.read_text()) | {"_dir": p.parent}
+                 for p in sorted(artifacts.glob("*/summary.json"))]
+    if not summaries:
+        raise FileNotFoundError(f"no */summary.json under {artifacts}: run the notebooks first (make reproduce)")
+    out = Path(out) if out else artifacts / "report.md"
+    lines = [f"# {title}", "",
+             "Every number below was produced by the notebooks in this run; profile, seeds and hardware are "
+             "given per notebook. A claim the runs do not support is marked so.", "",
+             "## Claims", "", "| notebook | claim | measured | verdict |", "|---|---|---|---|"]
+    for s in summaries:
+        for c in s["claims"]:
+            lines.append(f"| {s['notebook']} | {c['claim']} | {c['measured']} | **{c['verdict']}** |")
+    for s in summaries:
+        rel = s["_dir"].relative_to(out.parent) if out.parent in s["_dir"].parents or s["_dir"] == out.parent \
+            else s["_dir"]
+        lines += ["", f"## {s['notebook']}", "",
+                  f"Profile `{s['profile']}` · seeds {s['seeds']} · {s['hardware']} · {s['date']}", ""]
+        for c in s["claims"]:
+            if c.get("evidence"):
+                lines.append(f"- {c['claim']}: {c['evidence']}")
+        for name, table in s["tables"].items():
+            lines += ["", f"**{name}**", "", table]
+        for fig in s["figures"]:
+            lines += ["", f"![{Path(fig).stem}]({rel / fig})"]
+    out.write_text("\n".join(lines) + "\n")
+    return out

@@ -1,0 +1,98 @@
+"""Notebook metadata lint: card, Colab badge and install cell, one typed parameters cell, params files,
+endings, kernel, GPU setting, clean outputs. (Execution is nbval's job: `make test` runs them.)"""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+NB_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
+TIERS = ("smoke", "cpu", "gpu", "full")
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def source(cell):
+    return "".join(cell["source"])
+
+
+def parameters_cell(nb):
+    return [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+
+
+def parameter_names(nb):
+    src = source(parameters_cell(nb)[0])
+    return re.findall(r"^([A-Z_][A-Z0-9_]*)\s*:\s*(?:int|float|str|bool)\s*=", src, re.M)
+
+
+def test_the_seven_lessons_exist_in_order():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+    assert not list(ROOT.rglob(".ipynb_checkpoints"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_metadata_and_structure(path):
+    nb = load(path)
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    assert len(parameters_cell(nb)) == 1, "exactly one cell tagged 'parameters'"
+    card = source(nb["cells"][0])
+    badge = re.search(r"https://colab\.research\.google\.com/github/[^/]+/[^/]+/blob/[^/]+/(notebooks/[\w.]+\.ipynb)", card)
+    assert badge and badge.group(1) == f"notebooks/{path.name}", "the Colab badge must point at this notebook"
+    for heading in ("Learning goals", "Prerequisites", "Runtime"):
+        assert heading in card, heading
+    install = next(c for c in nb["cells"] if "google.colab" in source(c))
+    assert '"google.colab" in sys.modules' in source(install)
+    assert not re.search(r"pip install[^\n]*\btorch\b", source(install)), "never reinstall torch on Colab"
+    headings = [source(c) for c in nb["cells"] if c["cell_type"] == "markdown"]
+    tail = "\n".join(headings[-4:])
+    for heading in ("## Summary", "## Check your understanding", "## Results log"):
+        assert heading in "\n".join(headings), heading
+    assert "## Results log" in tail
+    names = parameter_names(nb)
+    assert "PROFILE" in names and "SEED" in names
+    for line in source(parameters_cell(nb)[0]).strip().splitlines():
+        assert re.match(r"^[A-Z_][A-Z0-9_]*\s*:\s*(int|float|str|bool)\s*=\s*[^#]+#", line), \
+            f"parameters must be typed primitives with a comment: {line!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_gpu_notebooks_request_a_colab_gpu(path):
+    nb = load(path)
+    if "gpu" in path.name:
+        assert nb["metadata"].get("accelerator") == "GPU"
+        assert nb["metadata"].get("colab", {}).get("gpuType")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_params_files_only_use_known_parameters(tier):
+    params = yaml.safe_load((NB_DIR / "params" / f"{tier}.yaml").read_text())
+    assert params.get("PROFILE") == tier
+    for path in NOTEBOOKS:
+        allowed = set(parameter_names(load(path)))
+        common = {k: v for k, v in params.items() if not isinstance(v, dict)}
+        specific = params.get(path.stem, {})
+        unknown = (set(common) | set(specific)) - allowed
+        assert not unknown, f"{tier}.yaml passes unknown parameters {sorted(unknown)} to {path.name}"
+
+
+def test_papermill_sees_the_same_parameters():
+    import papermill
+    for path in NOTEBOOKS:
+        inferred = papermill.inspect_notebook(str(path))
+        assert set(inferred) == set(parameter_names(load(path))), path.name
+
+
+def test_outputs_are_stripped_except_checked_cells():
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "nbclean.py"), "--check", *map(str, NOTEBOOKS)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+    for path in NOTEBOOKS:
+        checked = [c for c in load(path)["cells"] if "nbval-check-output" in c.get("metadata", {}).get("tags", [])]
+        assert checked and all(c["outputs"] for c in checked), f"{path.name}: checked cells need recorded outputs"

@@ -1,0 +1,64 @@
+"""Strip notebook outputs except nbval-checked cells; drop papermill/execution metadata.
+
+  python tools/nbclean.py notebooks/*.ipynb          # in place
+  python tools/nbclean.py --check notebooks/*.ipynb  # exit 1 if any notebook would change
+
+Checked cells (tag `nbval-check-output`) keep their outputs and execution count, so `pytest --nbval-lax`
+can compare them; everything else is committed clean.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+CHECK = "nbval-check-output"
+
+
+def clean(nb: dict) -> dict:
+    nb.get("metadata", {}).pop("papermill", None)
+    nb["metadata"].setdefault("kernelspec", {"display_name": "Python 3", "language": "python", "name": "python3"})
+    nb["metadata"]["kernelspec"]["name"] = "python3"
+    counter = 0
+    for cell in nb["cells"]:
+        meta = cell.setdefault("metadata", {})
+        for key in ("papermill", "execution", "collapsed", "scrolled"):
+            meta.pop(key, None)
+        tags = meta.get("tags", [])
+        if "injected-parameters" in tags:
+            continue
+        if cell["cell_type"] != "code":
+            continue
+        if CHECK in tags:
+            counter += 1
+            cell["execution_count"] = counter
+            for out in cell.get("outputs", []):
+                if "execution_count" in out:
+                    out["execution_count"] = counter
+                out.pop("metadata", None) if out.get("output_type") == "stream" else None
+        else:
+            cell["outputs"], cell["execution_count"] = [], None
+    nb["cells"] = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    return nb
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args()
+    changed = []
+    for path in map(Path, args.paths):
+        text = path.read_text()
+        new = json.dumps(clean(json.loads(text)), indent=1, ensure_ascii=False) + "\n"
+        if new != text:
+            changed.append(str(path))
+            if not args.check:
+                path.write_text(new)
+    if args.check and changed:
+        print("would change:", *changed, sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
