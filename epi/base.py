@@ -9,6 +9,8 @@ isolating anything, so SFT runs can start EPI and EWC from what the base model f
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import json
 import logging
 import time
@@ -48,6 +50,7 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
 
     out = base_dir(cfg, cache_dir)
     t0 = time.time()
+    torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     model, tok = load_model("tiny", seed=cfg.seed)
     tasks = list(ABILITIES)
@@ -72,6 +75,8 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
     state = train_steps(model, opt, data, steps=len(data), plugins=[Track()], clip=cfg.clip,
                         desc="tiny-base" if progress else None)
     scores = evaluate(model, tok, {t: eval_records(t, cfg.eval_records, cfg.difficulty) for t in tasks})
+    # write into a temporary folder and rename: a parallel builder never sees a half-written base
+    final, out = out, out.with_name(out.name + f".tmp{os.getpid()}")
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, tok, out)
     importance = {"global": {n: b for n, b in zip(names, glob.buffers["global"])},
@@ -82,6 +87,12 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
             "final_loss": sum(state.losses[-50:]) / len(state.losses[-50:]), "wall_s": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads()}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    if (final / "meta.json").exists():
+        shutil.rmtree(out)
+    else:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(out, final)
+    out = final
     log.info("built %s in %.0f s: %s", out, meta["wall_s"], {t: round(s["score"], 2) for t, s in scores.items()})
     return out
 

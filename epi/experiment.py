@@ -42,7 +42,7 @@ class ExperimentConfig:
     eval_last: int = 3                      # the mix is scored as the mean of the last k evaluations
     # isolation (shared by every isolating method so the comparison is fair)
     ratio: float = 0.1
-    refresh_every: int = 50
+    refresh_every: int = 50                 # 0 = never refresh (a static mask from the EMA at warm-up end)
     warmup_steps: int = 20
     beta: float = 0.99
     score: str = "fisher"
@@ -58,6 +58,7 @@ class ExperimentConfig:
     random_match: str = "epi_per_task"      # random: the method whose realised protected share is matched
     base_steps: int = 2000                  # tiny-base pre-training steps (general mix of the abilities)
     base_lr: float = 2e-3
+    general_eval: bool = False              # measure general ability (epi.general) before and after each stage
     monitor: bool = False                   # non-isolating methods: track importance and masks anyway (drift)
     snapshots: bool = False                 # save every refresh's masks + an importance sample (snapshots.npz)
     threads: int = 1
@@ -82,7 +83,7 @@ class ExperimentConfig:
                      "eval_last", "stages_k", "probe_steps", "base_steps", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
+        for name in ("eval_every", "checkpoint_every", "warmup_steps", "refresh_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         if not 0 < self.ratio < 1:
@@ -108,8 +109,7 @@ class ExperimentConfig:
 # Profile overrides of the defaults (the `cpu` profile is the dataclass defaults).
 PROFILES: Dict[str, dict] = {
     "smoke": dict(steps_per_task=12, batch_size=8, train_records=200, eval_records=8, eval_every=6,
-                  probe_steps=6, base_steps=60, refresh_every=5, warmup_steps=3, checkpoint_every=0,
-                  max_length=96),
+                  probe_steps=6, base_steps=60, refresh_every=5, warmup_steps=3, checkpoint_every=0),
     "cpu": {},
     "real_cpu": dict(model="smollm2-135m", tasks=["math", "code"], steps_per_task=40, batch_size=4, lr=5e-5,
                      max_length=128, eval_records=48, eval_every=0, probe_steps=15, refresh_every=10,

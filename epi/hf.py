@@ -169,6 +169,12 @@ class EPICallback(TrainerCallback):
         if base is None:
             return False
         check_supported(self.engine.model, optimizer)
+        # GradScaler.step calls optimizers that "support AMP scaling" (fused Adam/AdamW) even on overflow
+        # steps, letting the kernel unscale and skip: the engine's step hooks would then see scaled gradients
+        # and count (and weight-decay) a skipped step. Without the flag the scaler unscales first and skips
+        # optimizer.step() on overflow. Only GradScaler reads this flag.
+        if getattr(base, "_step_supports_amp_scaling", False):
+            base._step_supports_amp_scaling = False
         if self.engine.isolator is None or self.engine.isolator.optimizer is not base:
             self.engine.attach(base)
         return True
@@ -185,8 +191,8 @@ class EPICallback(TrainerCallback):
                                       "(accelerate fsdp_version: 2) or DDP")
         if model is None:
             raise ValueError("EPICallback.on_train_begin got no model")
-        model = unwrap_model(model)
         check_supported(model, optimizer)
+        model = unwrap_model(model)
         if self.engine is None or self.engine.model is not model:
             self.engine = EvolvingIsolation(model, self.config, group=shard_group(model))
         if self._handle is not None:

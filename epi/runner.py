@@ -73,7 +73,7 @@ class Run:
 
     def epi_config(self, **changes) -> EPIConfig:
         cfg = self.config
-        values = dict(score=cfg.score, beta=cfg.beta, ratio=cfg.ratio, refresh_every=cfg.refresh_every,
+        values = dict(score=cfg.score, beta=cfg.beta, ratio=cfg.ratio, refresh_every=cfg.refresh_every or None,
                       warmup_steps=cfg.warmup_steps, normalize=cfg.normalize, seed=cfg.seed)
         values.update(changes)
         return EPIConfig(**values)
@@ -140,6 +140,10 @@ class Run:
         if ckpt is not None:
             self.method.load_state_dict(ckpt["extra"]["method"])
         record = ckpt["extra"]["record"] if ckpt is not None else None
+        self.general = None
+        if cfg.general_eval:  # general ability: response loss on general pairs + next-token KL to the start model
+            from .general import GeneralProbe
+            self.general = GeneralProbe(self.model, self.tokenizer, max_length=cfg.max_length)
         if record is None:
             self.base_eval = self.evaluate()
         else:
@@ -160,7 +164,7 @@ class Run:
             record = {"config": cfg.to_dict(), "seed": cfg.seed, "environment": environment(),
                       "stages": self.stage_list, "base_scores": self.base_eval, "stage_scores": [],
                       "evals": [], "losses": [], "loss_tasks": [], "protected_fraction": [],
-                      "cpift": None}
+                      "cpift": None, "general": [self.general.measure(self.model)] if self.general else []}
         # the global step schedule: stages back to back, replay folded in
         schedule, bounds = [], []
         for k, tasks in enumerate(self.stage_list):
@@ -203,6 +207,8 @@ class Run:
             self.method.stage_end(self, k, self.stage_list[k])
             scores = self.evaluate()
             record["stage_scores"].append(scores)
+            if self.general is not None:
+                record["general"].append(self.general.measure(self.model))
             if k == last_stage:
                 record["evals"].append({"step": state.step, "scores": scores})
             self.say(f"stage {k + 1}/{len(self.stage_list)} {'+'.join(self.stage_list[k])}: "
@@ -264,6 +270,38 @@ def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable
     tmp.replace(results)
     (out / "checkpoint.pt").unlink(missing_ok=True)
     return record
+
+
+def _grid_worker(args) -> str:
+    config, out_root = args
+    torch.set_num_threads(config.threads)
+    rec = run_experiment(config, out_root, say=log.info)
+    return f"{config.run_name}: " + " ".join(f"{t}={v:.2f}" for t, v in rec["final_scores"].items())
+
+
+def run_grid(configs: List[ExperimentConfig], out_root: str | Path, workers: int = 1,
+             say: Callable[[str], None] = log.info) -> List[dict]:
+    """Run many experiments (finished ones are reused) with `workers` processes; return their records.
+
+    Base models are built first, one per seed, so parallel workers never race to build the same one.
+    """
+    from .base import ensure_base
+    for cfg in {(c.seed, c.base_steps, c.model): c for c in configs if c.model == "tiny-base"}.values():
+        ensure_base(cfg)
+    todo = [c for c in configs if not (Path(out_root) / c.run_name / "results.json").exists()]
+    ordered = sorted(todo, key=lambda c: c.method == "random")  # matched controls after what they match
+    if workers > 1 and len(ordered) > 1:
+        import multiprocessing as mp
+        first = [c for c in ordered if c.method != "random"]
+        rest = [c for c in ordered if c.method == "random"]
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for batch in (first, rest):
+                for line in pool.imap_unordered(_grid_worker, [(c, out_root) for c in batch]):
+                    say(line)
+    else:
+        for c in ordered:
+            say(_grid_worker((c, out_root)))
+    return [json.loads((Path(out_root) / c.run_name / "results.json").read_text()) for c in configs]
 
 
 def run_references(config: ExperimentConfig, out: Path, say) -> dict:
