@@ -87,6 +87,8 @@ class EvolvingIsolation:
     """
 
     def __init__(self, model: torch.nn.Module, config: Optional[EPIConfig] = None, *, group=None):
+        from .distributed import check_supported
+        check_supported(model)  # FSDP1 / DeepSpeed: refused with what to use instead
         self.config = config or EPIConfig()
         self.model = model
         self.group = group
@@ -217,8 +219,15 @@ class EvolvingIsolation:
         total = sum(self.numels)
         if self.config.scope == "per_task" and task is None:
             tasks = list(self.sets)
-            return sum(self.active(t).count for t in tasks) / (total * len(tasks))
-        return self.active(task).count / total
+            return self._global_count(sum(self.active(t).count for t in tasks)) / (total * len(tasks))
+        return self._global_count(self.active(task).count) / total
+
+    def _global_count(self, count: int) -> int:
+        """Return a count summed over the shard group's ranks (FSDP2), or the count itself."""
+        if self.group is None:
+            return count
+        from .masks import _counts
+        return _counts([count], self.group)[0]
 
     @torch.no_grad()
     def set_masks(self, masks, key: str = "global") -> None:
@@ -330,17 +339,18 @@ class EvolvingIsolation:
 
     def _drift(self, key: str, masks: List[torch.Tensor]) -> dict:
         prev = self._bools(self.sets[key]) if key in self.sets else None
-        stats = mask_overlap(prev, masks) if prev is not None else {"jaccard": None, "churn": None,
+        stats = mask_overlap(prev, masks, self.group) if prev is not None else {"jaccard": None, "churn": None,
                                                                      "released_fraction": None}
         first = self._first.get(key)
         entry = {
             "step": self.step, "scope_key": key,
-            "protected_fraction": sum(int(m.sum()) for m in masks) / sum(self.numels),
+            "protected_fraction": self._global_count(sum(int(m.sum()) for m in masks)) / sum(self.numels),
             "jaccard_prev": stats["jaccard"], "churn": stats["churn"],
             "released_fraction": stats["released_fraction"],
-            "jaccard_first": (index_overlap(first, masks) if first is not None
+            "jaccard_first": (index_overlap(first, masks, self.group) if first is not None
                               else 1.0 if self.config.track_first else None),  # the first mask itself
-            "per_layer": {n: float(m.float().mean()) for n, m in zip(self.names, masks)},
+            "per_layer": {n: self._global_count(int(m.sum())) / numel
+                          for n, m, numel in zip(self.names, masks, self.numels)},
         }
         sample = self._sample_values(key)
         prev_sample = self._sample_prev.get(key)

@@ -56,6 +56,10 @@ class Isolator:
             for group in optimizer.param_groups:
                 group.setdefault("epi_weight_decay", group.get("weight_decay", 0.0))
                 group["weight_decay"] = 0.0
+        # Fused Adam/AdamW tell GradScaler they handle inf checks themselves, so the scaler calls step()
+        # even on overflow steps; the engine would then count, score and decay on a skipped step.
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer._step_supports_amp_scaling = False
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]
 

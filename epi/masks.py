@@ -142,17 +142,19 @@ def random_masks(shapes: Sequence[torch.Size], ratio: float, generator: torch.Ge
 
 # ---- drift statistics (counts summed over the list of tensors) -------------------------------------
 
-def _count(masks) -> int:
-    return int(sum(int(m.sum()) for m in masks))
+def _counts(values: Sequence[int], group) -> list:
+    """Return integer counts summed over the ranks of `group` (sharded masks count their shards once)."""
+    t = _all_reduce(torch.tensor(list(values), dtype=torch.int64), group)
+    return [int(v) for v in t]
 
 
-def mask_overlap(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> dict:
+def mask_overlap(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], group=None) -> dict:
     """Return Jaccard, churn and released fraction between masks a (previous) and b (current).
 
     jaccard = |a∩b| / |a∪b| (1.0 when both are empty); churn = |a△b| / |b|; released = |a∖b| / |a|.
     """
-    inter = sum(int((x & y).sum()) for x, y in zip(a, b))
-    na, nb = _count(a), _count(b)
+    inter, na, nb = _counts([sum(int((x & y).sum()) for x, y in zip(a, b)), sum(int(x.sum()) for x in a),
+                             sum(int(y.sum()) for y in b)], group)
     union = na + nb - inter
     return {
         "jaccard": inter / union if union else 1.0,
@@ -161,11 +163,11 @@ def mask_overlap(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> dict:
     }
 
 
-def index_overlap(first_idx: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> float:
+def index_overlap(first_idx: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], group=None) -> float:
     """Return the Jaccard index between masks stored as flat indices and bool masks."""
-    inter = sum(int(m.reshape(-1)[i.long()].sum()) for i, m in zip(first_idx, masks))
-    na = sum(int(i.numel()) for i in first_idx)
-    union = na + _count(masks) - inter
+    inter, na, nb = _counts([sum(int(m.reshape(-1)[i.long()].sum()) for i, m in zip(first_idx, masks)),
+                             sum(int(i.numel()) for i in first_idx), sum(int(m.sum()) for m in masks)], group)
+    union = na + nb - inter
     return inter / union if union else 1.0
 
 

@@ -1,0 +1,244 @@
+"""EPI inside an unmodified transformers.Trainer (EPICallback) and with EPITrainerMixin.
+
+Every exactness test measures, at every optimizer step, the isolatable weights before and after the step
+(a spy callback) against the mask in force during that step.
+"""
+import pytest
+import torch
+from accelerate.utils import AutocastKwargs
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from conftest import small_llama
+from epi import EPIConfig
+from epi.hf import EPICallback, EPITrainerMixin, TaskCollator, base_optimizer, task_blocks
+
+STEPS = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (two threads spin against other jobs on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+CFG = dict(ratio=0.1, refresh_every=2, warmup_steps=2, beta=0.5)
+
+
+class EPITrainer(EPITrainerMixin, Trainer):
+    pass
+
+
+def examples(n=64, seq=10, tasks=("a", "b")):
+    """Deterministic LM examples with a task field; per task, a distinct token range (so tasks differ)."""
+    out = {t: [] for t in tasks}
+    for i in range(n):
+        t = tasks[i % len(tasks)]
+        g = torch.Generator().manual_seed(i)
+        lo = 24 * (i % len(tasks))
+        x = torch.randint(lo, lo + 24, (seq,), generator=g)
+        out[t].append({"input_ids": x, "labels": x.clone(), "task": t})
+    return out
+
+
+class Spy(TrainerCallback):
+    """Snapshots weights and the active mask at on_pre_optimizer_step, compares at on_optimizer_step."""
+
+    def __init__(self, epi: EPICallback):
+        self.epi = epi
+        self.drift, self.protected, self.released_moved, self.tasks, self.grads = [], [], 0, [], []
+        self.ever = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        eng = self.epi.engine
+        self.masks = [m.clone() for m in eng.masks.values()]
+        self.before = [p.detach().clone() for p in eng.params]
+        self.tasks.append(eng.current_task)
+        prot = [p.grad[m] for p, m in zip(eng.params, self.masks) if p.grad is not None]
+        total = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in eng.model.parameters() if p.grad is not None))
+        self.grads.append((bool(prot) and all(bool((g == 0).all()) for g in prot), float(total)))
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        eng = self.epi.engine
+        if self.ever is None:
+            self.ever = [torch.zeros_like(m) for m in self.masks]
+        n = sum(int(m.sum()) for m in self.masks)
+        self.protected.append(n)
+        if n:
+            self.drift.append(max(float((p.detach() - b)[m].abs().max()) if m.any() else 0.0
+                                  for p, b, m in zip(eng.params, self.before, self.masks)))
+            for p, b, m, e in zip(eng.params, self.before, self.masks, self.ever):
+                self.released_moved += int(((p.detach() != b) & e & ~m).sum())
+        for e, m in zip(self.ever, self.masks):
+            e |= m
+
+
+def run(tmp_path, *, route="callback", scope="global", bf16=False, ga=2, bs=2, steps=STEPS, clip=1.0,
+        scaler=None, save_steps=None, resume=None, max_steps=None, out=None, sampling=None, cfg=None):
+    """Train the small Llama with EPI through the Trainer; return (trainer, epi callback, spy)."""
+    epi = EPICallback(EPIConfig(scope=scope, **(cfg or CFG)))
+    spy = Spy(epi)
+    data = examples()
+    blocks = scope == "per_task" or sampling == "sequential"  # single-task optimizer steps, read in order
+    train = task_blocks(data, bs * ga) if blocks else [x for v in data.values() for x in v]
+    args = TrainingArguments(
+        output_dir=str(out or tmp_path / "out"), max_steps=max_steps or steps, per_device_train_batch_size=bs,
+        gradient_accumulation_steps=ga, learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="constant",
+        max_grad_norm=clip, use_cpu=True, bf16=bf16, fp16=scaler is not None, report_to=[],
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, logging_steps=1,
+        disable_tqdm=True, remove_unused_columns=False, seed=0, data_seed=0,
+        train_sampling_strategy="sequential" if blocks else "random")
+    cls = EPITrainer if route == "mixin" else Trainer
+    trainer = cls(model=small_llama(), args=args, train_dataset=train, data_collator=TaskCollator(),
+                  callbacks=[epi, spy])
+    if scaler is not None:  # accelerate has no fp16 AMP on CPU: install a CPU GradScaler, autocast off
+        acc = trainer.accelerator
+        acc.scaler, acc.native_amp = scaler, True
+        acc.autocast_handler = AutocastKwargs(enabled=False)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, epi, spy
+
+
+def assert_exact(spy, epi, steps=STEPS):
+    iso_steps = [n for n in spy.protected if n]
+    assert len(iso_steps) >= steps - 3, spy.protected  # warm-up 2 steps, then isolating
+    assert spy.drift and max(spy.drift) == 0.0, spy.drift
+    assert spy.released_moved > 0  # coordinates released by a refresh train again
+
+
+@pytest.mark.parametrize("route,bf16", [("callback", False), ("callback", True), ("mixin", False), ("mixin", True)])
+def test_protected_coordinates_move_exactly_zero_under_trainer_with_accumulation(tmp_path, route, bf16):
+    trainer, epi, spy = run(tmp_path, route=route, bf16=bf16, ga=2)
+    assert_exact(spy, epi)
+    eng = epi.engine
+    assert eng.isolator.optimizer is base_optimizer(trainer.optimizer)
+    assert isinstance(eng.isolator.optimizer, torch.optim.AdamW) and eng.isolator.mode == "grad"
+    # observed once per optimizer step (not per micro-batch): one EMA update and one engine step each
+    assert eng.step == STEPS and eng.tracker.updates["global"] == STEPS
+    assert [h["step"] for h in eng.history] == [2, 4, 6, 8]
+
+
+def test_per_task_scope_reads_the_task_column_and_strips_it_before_the_forward(tmp_path):
+    seen = []
+
+    class Probe(TrainerCallback):  # a forward pre-hook registered after EPICallback's sees what the model gets
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            model.register_forward_pre_hook(lambda m, a, k: seen.append(sorted(k)), with_kwargs=True)
+
+    epi = EPICallback(EPIConfig(scope="per_task", **CFG))
+    spy = Spy(epi)
+    data = examples()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4,
+                             learning_rate=1e-2, weight_decay=0.1, use_cpu=True, report_to=[], save_strategy="no",
+                             disable_tqdm=True, remove_unused_columns=False, train_sampling_strategy="sequential")
+    train = task_blocks(data, 4, seed=3)
+    Trainer(model=small_llama(), args=args, train_dataset=train, data_collator=TaskCollator(),
+            callbacks=[epi, spy, Probe()]).train()
+    assert seen and all("task" not in keys for keys in seen)
+    assert spy.tasks == [train[4 * s]["task"] for s in range(STEPS)]  # the engine ran each step's task
+    assert set(epi.engine.sets) == {"a", "b"} and epi.engine.isolator.mode == "restore"
+    assert_exact(spy, epi)
+
+
+def test_per_task_scope_refuses_optimizer_steps_that_mix_tasks(tmp_path):
+    epi = EPICallback(EPIConfig(scope="per_task", **CFG))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True,
+                             report_to=[], save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+                             train_sampling_strategy="sequential")
+    data = examples()
+    mixed = [x for pair in zip(data["a"], data["b"]) for x in pair]  # a, b, a, b, ...
+    trainer = Trainer(model=small_llama(), args=args, train_dataset=mixed, data_collator=TaskCollator(),
+                      callbacks=[epi])
+    with pytest.raises(ValueError, match="one task per optimizer step"):
+        trainer.train()
+
+
+def test_accumulated_gradient_gives_the_importance_of_the_full_batch(tmp_path):
+    _, accum, _ = run(tmp_path / "a", ga=2, bs=2, sampling="sequential")
+    _, full, _ = run(tmp_path / "b", ga=1, bs=4, sampling="sequential")
+    a, b = accum.engine.tracker.buffers["global"], full.engine.tracker.buffers["global"]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-9)
+    assert accum.engine.mask_digest() == full.engine.mask_digest()
+
+
+@pytest.mark.parametrize("route", ["callback", "mixin"])
+def test_mixin_masks_before_clipping_and_callback_after(tmp_path, route):
+    _, epi, spy = run(tmp_path, route=route, clip=1e-3, steps=5)
+    iso = [g for g, n in zip(spy.grads, spy.protected) if n]
+    assert iso
+    if route == "mixin":  # masked, then clipped: protected gradients 0, total norm = max_grad_norm
+        assert all(zero for zero, _ in iso)
+        assert all(abs(norm - 1e-3) < 1e-6 for _, norm in iso)
+    else:  # clipped first; the engine masks inside optimizer.step()
+        assert not any(zero for zero, _ in iso)
+    assert hasattr(Trainer, "_clip_grad_norm") and "_clip_grad_norm" in EPITrainerMixin.__dict__
+
+
+@pytest.mark.parametrize("route", ["callback", "mixin"])
+def test_grad_scaler_importance_comes_from_unscaled_gradients(tmp_path, route):
+    def scaler(scale):
+        return torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10 ** 6)
+    _, scaled, spy = run(tmp_path / "s", route=route, scaler=scaler(2.0 ** 12), steps=5)
+    _, plain, _ = run(tmp_path / "p", route=route, scaler=scaler(1.0), steps=5)
+    # Scaling by a power of two is exact, so unscaled gradients are bit-identical to the unscaled run's.
+    for x, y in zip(scaled.engine.tracker.buffers["global"], plain.engine.tracker.buffers["global"]):
+        assert torch.equal(x, y)
+    assert max(spy.drift) == 0.0
+
+
+@pytest.mark.parametrize("route", ["callback", "mixin"])
+def test_grad_scaler_overflow_steps_are_skipped_by_the_engine(tmp_path, route):
+    # init scale 2**127 overflows: the scaler halves it at every skipped step until gradients are finite
+    trainer, epi, spy = run(tmp_path, route=route, steps=8, ga=1,
+                            scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=2.0 ** -40,
+                                                        growth_interval=10 ** 6))
+    eng = epi.engine
+    skipped = 8 - eng.step
+    assert 1 <= skipped <= 4  # overflow steps never reached the optimizer, nor the engine's step count
+    assert eng.tracker.updates["global"] == eng.step  # nor the importance
+    assert eng.tracker.skipped_steps == (skipped if route == "mixin" else 0)  # mixin saw the inf, dropped it
+    assert all(torch.isfinite(b).all() for b in eng.tracker.buffers["global"])
+    assert max(spy.drift) == 0.0
+
+
+@pytest.mark.parametrize("route,scope", [("callback", "global"), ("mixin", "per_task")])
+def test_resumed_trainer_run_is_bit_identical_to_uninterrupted(tmp_path, route, scope):
+    full_trainer, full, _ = run(tmp_path, route=route, scope=scope, steps=8, save_steps=3, out=tmp_path / "full")
+    ckpt = tmp_path / "full" / "checkpoint-3"
+    assert (ckpt / "epi_state.pt").is_file()
+    # callback: resume in place (looks in output_dir/checkpoint-3); mixin: from another run's folder
+    out = tmp_path / "full" if route == "callback" else tmp_path / "resumed"
+    resumed_trainer, resumed, _ = run(tmp_path, route=route, scope=scope, steps=8, save_steps=3, out=out,
+                                      resume=str(ckpt))
+    a, b = full_trainer.model.state_dict(), resumed_trainer.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full.engine.mask_digest() == resumed.engine.mask_digest()
+    assert full.engine.step == resumed.engine.step == 8
+    assert [h["step"] for h in full.engine.history] == [h["step"] for h in resumed.engine.history]
+    for k in full.engine.tracker.buffers:
+        assert all(torch.equal(x, y) for x, y in zip(full.engine.tracker.buffers[k], resumed.engine.tracker.buffers[k]))
+
+
+def test_resume_without_engine_state_names_the_missing_file(tmp_path):
+    run(tmp_path, steps=3, save_steps=3, out=tmp_path / "o")
+    (tmp_path / "o" / "checkpoint-3" / "epi_state.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="epi_state.pt"):
+        run(tmp_path, steps=4, out=tmp_path / "o", resume=str(tmp_path / "o" / "checkpoint-3"))
+
+
+def test_callback_given_no_optimizer_attaches_at_the_first_optimizer_step():
+    from types import SimpleNamespace
+
+    model = small_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    args, state = SimpleNamespace(deepspeed=None, output_dir="unused"), SimpleNamespace(global_step=0)
+    cb = EPICallback(EPIConfig(**CFG))
+    cb.on_train_begin(args, state, None, model=model, optimizer=None)  # the path huggingface/transformers#38181
+    assert cb.engine is not None and cb.engine.isolator is None
+    cb.on_pre_optimizer_step(args, state, None, optimizer=opt)
+    assert cb.engine.isolator.optimizer is opt
+    lost = EPICallback(EPIConfig(**CFG))
+    lost.on_train_begin(args, state, None, model=small_llama(), optimizer=None)
+    with pytest.raises(RuntimeError, match="EPITrainerMixin"):
+        lost.on_pre_optimizer_step(args, state, None, optimizer=None)
