@@ -44,6 +44,8 @@ def setup_notebook(seed: int = 0, out: str | Path = "artifacts", profile: str = 
     from .plots import set_style
     from .train import seed_everything
     transformers.logging.set_verbosity_error()
+    if threads is None and quiet():
+        threads = 1  # CI runs notebooks side by side on 2 cores: oversubscribed OpenMP threads crawl
     if threads:
         torch.set_num_threads(threads)
     seed_everything(seed)
