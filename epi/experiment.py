@@ -103,7 +103,10 @@ class ExperimentConfig:
         """Folder name of this run: protocol-method-seed (train tasks named for forgetting)."""
         extra = "+".join(self.train_tasks) if self.protocol == "forgetting" else (
             "-".join(self.tasks) if self.protocol == "sequential" else "")
-        return "-".join(x for x in (self.protocol, extra, self.method, f"s{self.seed}") if x)
+        default_model = PROFILES[self.profile].get("model", "tiny-base")
+        model = "" if self.model == default_model else "m_" + self.model.replace("/", "_")
+        general = "general" if self.general_eval else ""
+        return "-".join(x for x in (self.protocol, extra, model, general, self.method, f"s{self.seed}") if x)
 
 
 # Profile overrides of the defaults (the `cpu` profile is the dataclass defaults).
