@@ -57,6 +57,25 @@ def _run(args) -> int:
     return 0
 
 
+def _grid(args) -> int:
+    from .experiment import resolve
+    from .methods import METHODS
+    from .runner import run_grid
+    methods = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
+    try:
+        configs = [resolve(args.profile, method=m, seed=s, **_overrides(args)) for s in args.seeds for m in methods
+                   if not (m in ("sequential", "multi_stage", "multi_stage_heuristic") and args.protocol not in (None, "mix"))]
+        if args.references:
+            configs += [resolve(args.profile, method="full_sft", seed=s, **{**_overrides(args), "protocol": "reference"})
+                        for s in args.seeds]
+    except ValueError as e:
+        print(f"error: invalid run configuration: {e}", file=sys.stderr)
+        return 2
+    print(f"grid: {len(configs)} runs · profile {args.profile} · {args.workers} worker(s) · out {args.out}", flush=True)
+    run_grid(configs, args.out, workers=args.workers, say=lambda m: print(m, flush=True))
+    return 0
+
+
 def _compare(args) -> int:
     from .compare import compare, summary_table, write_summary
     df = compare(args.root)
@@ -114,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any experiment setting")
     run.add_argument("--out", default="artifacts/runs")
     run.set_defaults(func=_run)
+
+    g = sub.add_parser("grid", help="run methods × seeds (finished runs are reused), in parallel workers")
+    g.add_argument("--methods", default="all", help="comma-separated, or 'all'")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    g.add_argument("--profile", default="cpu")
+    g.add_argument("--protocol", default=None)
+    g.add_argument("--tasks", default=None)
+    g.add_argument("--train-tasks", dest="train_tasks", default=None)
+    g.add_argument("--references", action="store_true", help="also run the single-task references")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE")
+    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--out", default="artifacts/runs/cpu")
+    g.set_defaults(func=_grid)
 
     c = sub.add_parser("compare", help="table of method × task (mean ± sd over seeds) from finished runs")
     c.add_argument("root")

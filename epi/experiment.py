@@ -106,7 +106,8 @@ class ExperimentConfig:
         default_model = PROFILES[self.profile].get("model", "tiny-base")
         model = "" if self.model == default_model else "m_" + self.model.replace("/", "_")
         general = "general" if self.general_eval else ""
-        return "-".join(x for x in (self.protocol, extra, model, general, self.method, f"s{self.seed}") if x)
+        monitor = "monitor" if self.monitor or self.snapshots else ""
+        return "-".join(x for x in (self.protocol, extra, model, general, monitor, self.method, f"s{self.seed}") if x)
 
 
 # Profile overrides of the defaults (the `cpu` profile is the dataclass defaults).
