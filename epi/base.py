@@ -30,7 +30,7 @@ def _key(cfg) -> str:
     from .tasks import ABILITIES, generate
     # a fingerprint of the generated data, so a change of the task formats invalidates the cache
     sample = [generate(t, 3, seed=cfg.seed, split="train", difficulty=cfg.difficulty) for t in ABILITIES]
-    fields = dict(seed=cfg.seed, steps=cfg.base_steps, lr=cfg.base_lr, batch=cfg.batch_size, difficulty=cfg.difficulty,
+    fields = dict(seed=cfg.seed, steps=cfg.base_steps, lr=cfg.base_lr, batch=cfg.base_batch_size, difficulty=cfg.difficulty,
                   records=cfg.train_records, max_length=cfg.max_length, beta=cfg.beta, version=1, data=sample)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -54,7 +54,7 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
     seed_everything(cfg.seed)
     model, tok = load_model("tiny", seed=cfg.seed)
     tasks = list(ABILITIES)
-    batchers = make_batchers(tok, tasks, n=cfg.train_records, seed=cfg.seed, batch_size=cfg.batch_size,
+    batchers = make_batchers(tok, tasks, n=cfg.train_records, seed=cfg.seed, batch_size=cfg.base_batch_size,
                              max_length=cfg.max_length, difficulty=cfg.difficulty)
     per_task = -(-cfg.base_steps // len(tasks))
     data = StepData(batchers, balanced_schedule(tasks, per_task, seed=cfg.seed + 7919)[:cfg.base_steps])

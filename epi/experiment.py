@@ -31,13 +31,13 @@ class ExperimentConfig:
     difficulty: int = 1
     data_source: str = "synthetic"          # "synthetic" (generated on the fly) or a folder/hub id per task
     steps_per_task: int = 100               # optimizer steps per task in a stage (mix: total = T × this)
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.1
     clip: float = 1.0
     max_length: int = 128
     train_records: int = 4000               # generated training records per task
-    eval_records: int = 100                 # held-out test prompts per task
+    eval_records: int = 80                  # held-out test prompts per task
     eval_every: int = 50                    # spacing of the last stage's final evaluations (0 = stage ends only)
     eval_last: int = 3                      # the mix is scored as the mean of the last k evaluations
     # isolation (shared by every isolating method so the comparison is fair)
@@ -58,6 +58,7 @@ class ExperimentConfig:
     random_match: str = "epi_per_task"      # random: the method whose realised protected share is matched
     base_steps: int = 2000                  # tiny-base pre-training steps (general mix of the abilities)
     base_lr: float = 2e-3
+    base_batch_size: int = 32
     general_eval: bool = False              # measure general ability (epi.general) before and after each stage
     monitor: bool = False                   # non-isolating methods: track importance and masks anyway (drift)
     snapshots: bool = False                 # save every refresh's masks + an importance sample (snapshots.npz)
@@ -80,7 +81,7 @@ class ExperimentConfig:
                 raise ValueError(f"train_tasks must be a proper, non-empty subset of tasks {self.tasks}, "
                                  f"got {self.train_tasks}")
         for name in ("steps_per_task", "batch_size", "max_length", "train_records", "eval_records",
-                     "eval_last", "stages_k", "probe_steps", "base_steps", "threads"):
+                     "eval_last", "stages_k", "probe_steps", "base_steps", "base_batch_size", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "refresh_every"):
@@ -112,7 +113,7 @@ class ExperimentConfig:
 
 # Profile overrides of the defaults (the `cpu` profile is the dataclass defaults).
 PROFILES: Dict[str, dict] = {
-    "smoke": dict(steps_per_task=12, batch_size=8, train_records=200, eval_records=8, eval_every=6,
+    "smoke": dict(steps_per_task=12, batch_size=8, base_batch_size=8, train_records=200, eval_records=8, eval_every=6,
                   probe_steps=6, base_steps=60, refresh_every=5, warmup_steps=3, checkpoint_every=0),
     "cpu": {},
     "real_cpu": dict(model="smollm2-135m", tasks=["math", "code"], steps_per_task=40, batch_size=4, lr=5e-5,
