@@ -26,6 +26,12 @@ Batch = Dict[str, torch.Tensor]
 BatchFn = Callable[[int], Tuple[str, Batch]]
 
 
+def progress_disabled() -> Optional[bool]:
+    """Return tqdm's `disable`: True under TQDM_DISABLE (tqdm.notebook ignores the variable), else None
+    (tqdm's own rule: no bar when the output is not a terminal)."""
+    return True if os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false") else None
+
+
 @dataclass
 class TrainConfig:
     """Optimiser and loop settings (AdamW, constant learning rate)."""
@@ -101,7 +107,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_
     """
     state = state or LoopState()
     model.train()
-    bar = tqdm(range(state.step, steps), desc=desc, leave=False, disable=None)
+    bar = tqdm(range(state.step, steps), desc=desc, leave=False, disable=progress_disabled())
     for step in bar:
         task, batch = batch_fn(step)
         total = 0.0

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from epi.train import progress_disabled
+
 from epi.tasks.formatting import IGNORE_INDEX, pad_id, tokenize_records
 
 logger = logging.getLogger(__name__)
@@ -164,7 +166,7 @@ def _run(model: Any, tokenizer: Any, pairs: list[tuple[list[int], list[int]]], m
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc=what, leave=False, disable=None):
+        for batch in tqdm(batches, desc=what, leave=False, disable=progress_disabled()):
             s, c, generated = _run_batch(model, [pairs[i] for i in batch], pad, eos, max_new_tokens)
             total, count = total + s, count + c
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
