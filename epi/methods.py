@@ -164,7 +164,8 @@ class EPI(Method):
         return run.epi_config(scope=self.scope)
 
     def prepare(self, run):
-        run.engine.seed_importance(run.base_importance(self.scope))
+        if run.config.score == "fisher":  # the base phase tracked g²; another score starts from zero
+            run.engine.seed_importance(run.base_importance(self.scope))
 
 
 class EPIPerTask(EPI):

@@ -7,6 +7,7 @@ A run interrupted and restarted with the same command resumes from its last chec
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -108,12 +109,19 @@ class Run:
         for t in tasks:
             model = copy.deepcopy(self.model)
             opt = make_optimizer(model, TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
-            train_steps(model, opt, StepData(self.batchers, [t] * steps), steps=steps, clip=cfg.clip,
-                        desc=f"probe {t}")
+            with self.autocast():
+                train_steps(model, opt, StepData(self.batchers, [t] * steps), steps=steps, clip=cfg.clip,
+                            desc=f"probe {t}")
             params = [p for _, p in isolatable(model, EPIConfig())]
             probes[t] = [p.detach().clone() for p in params]
             deltas[t] = [p - s for p, s in zip(probes[t], start)]
         return deltas, probes
+
+    def autocast(self):
+        """Return the context the training steps run in: bf16 autocast when `bf16_autocast`, else none."""
+        if not self.config.bf16_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=torch.bfloat16)
 
     def evaluate(self) -> Dict[str, dict]:
         from .tasks import evaluate
@@ -129,6 +137,8 @@ class Run:
         torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.model, self.tokenizer = self.load_start()
+        if cfg.freeze_embeddings:  # for every method alike; a tied LM head is the same tensor
+            self.model.get_input_embeddings().weight.requires_grad_(False)
         self.iso_params = [p for _, p in isolatable(self.model, EPIConfig())]
         all_tasks = list(dict.fromkeys(cfg.tasks))
         self.eval_sets = {t: eval_records(t, cfg.eval_records, cfg.difficulty, cfg.data_source) for t in all_tasks}
@@ -202,8 +212,10 @@ class Run:
                     record["losses"], record["loss_tasks"] = st.losses, st.tasks
                     save_checkpoint(ckpt_path, model=self.model, optimizer=opt, state=st, engine=self.engine,
                                     extra={"method": self.method.state_dict(), "record": record})
-            state = train_steps(self.model, opt, data, steps=hi, state=state, engine=self.engine, plugins=plugins,
-                                clip=cfg.clip, callback=after, desc=f"stage {k + 1}/{len(self.stage_list)}")
+            with self.autocast():
+                state = train_steps(self.model, opt, data, steps=hi, state=state, engine=self.engine,
+                                    plugins=plugins, clip=cfg.clip, callback=after,
+                                    desc=f"stage {k + 1}/{len(self.stage_list)}")
             self.method.stage_end(self, k, self.stage_list[k])
             scores = self.evaluate()
             record["stage_scores"].append(scores)
@@ -255,8 +267,10 @@ def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable
     out = Path(out_root) / config.run_name
     results = out / "results.json"
     if results.exists():
+        record = json.loads(results.read_text())
+        check_same_settings(record["config"], config)
         say(f"{config.run_name}: already finished ({results})")
-        return json.loads(results.read_text())
+        return record
     out.mkdir(parents=True, exist_ok=True)
     run = Run(config, out, say)
     if config.method == "random":
@@ -270,6 +284,22 @@ def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable
     tmp.replace(results)
     (out / "checkpoint.pt").unlink(missing_ok=True)
     return record
+
+
+NOT_SETTINGS = ("threads", "checkpoint_every")  # how a run was executed, not what it computed
+
+
+def check_same_settings(stored: dict, config: ExperimentConfig) -> None:
+    """Raise when a finished run in the folder was made with other settings than `config` (a field the
+    stored record lacks predates that field and counts as its default)."""
+    defaults = ExperimentConfig().to_dict()
+    current = config.to_dict()
+    differ = [k for k, v in current.items() if k not in NOT_SETTINGS
+              and stored.get(k, defaults.get(k, v)) != (list(v) if isinstance(v, tuple) else v)]
+    if differ:
+        raise ValueError(f"{config.run_name}: the folder holds a finished run with other settings "
+                         f"({', '.join(f'{k}={stored.get(k)!r} vs {current[k]!r}' for k in differ)}); "
+                         "use another output folder or delete that run")
 
 
 def _grid_worker(args) -> str:

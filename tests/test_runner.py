@@ -87,3 +87,9 @@ def test_cli_rejects_a_bad_config_with_a_clear_message(tmp_path):
     out = subprocess.run([sys.executable, "-m", "epi", "run", "--profile", "smoke", "--set", "ratio=1.5",
                           "--out", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 2 and "ratio must be in (0, 1)" in out.stderr
+
+
+def test_a_finished_run_with_other_settings_is_not_reused(runs):
+    cfg = resolve("smoke", method="full_sft", seed=0, **{**SMOKE, "lr": 5e-4})
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        run_experiment(cfg, runs)
