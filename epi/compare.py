@@ -71,6 +71,10 @@ def run_row(rec: dict, references: Optional[Dict[str, float]] = None) -> dict:
         t2 = metrics.table2(a_after_a=s[0][a]["score"], a_after_b=s[1][a]["score"],
                             b_after_a=s[0][b]["score"], b_after_b=s[1][b]["score"], a_before=base[a])
         row["forgetting_A"], row["learning_B"], row["learning_A"] = t2["forgetting_A"], t2["learning_B"], t2["learning_A"]
+    general = rec.get("general") or []
+    if general:  # general ability (epi.general): loss increase over the run and the final KL to the start
+        row["general_loss_increase"] = general[-1]["general_loss"] - general[0]["general_loss"]
+        row["kl"] = general[-1]["kl"]
     row["protected_fraction"] = rec.get("protected_fraction_mean", 0.0)
     drift = rec.get("drift") or []
     later = [d["jaccard_prev"] for d in drift if d.get("jaccard_prev") is not None]
@@ -113,3 +117,19 @@ def write_summary(df: pd.DataFrame, out: str | Path, command: str) -> None:
         fh.write(f"# made by: {command}\n")
         df.to_csv(fh, index=False, float_format="%.4f")
     (out / "summary.md").write_text(f"<!-- made by: {command} -->\n\n{summary_table(df)}\n")
+
+
+def paired(df: pd.DataFrame, method: str, baseline: str, column: str = "mean_score",
+           protocol: Optional[str] = None) -> dict:
+    """Return the per-seed difference method − baseline on `column`: mean, sd, seeds, how many > 0.
+
+    Seeds pair the runs (same base model, data order and evaluation prompts), which removes most of the
+    between-seed variance that unpaired mean ± sd tables carry.
+    """
+    sub = df if protocol is None else df[df["protocol"] == protocol]
+    a = sub[sub["method"] == method].set_index("seed")[column]
+    b = sub[sub["method"] == baseline].set_index("seed")[column]
+    diff = (a - b).dropna()
+    mean, sd = metrics.summarize_seeds(diff.tolist()) if len(diff) else (float("nan"), float("nan"))
+    return {"method": method, "baseline": baseline, "column": column, "mean": mean, "sd": sd,
+            "seeds": len(diff), "positive": int((diff > 0).sum())}

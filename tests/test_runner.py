@@ -93,3 +93,13 @@ def test_a_finished_run_with_other_settings_is_not_reused(runs):
     cfg = resolve("smoke", method="full_sft", seed=0, **{**SMOKE, "lr": 5e-4})
     with pytest.raises(ValueError, match="other settings.*lr"):
         run_experiment(cfg, runs)
+
+
+def test_paired_differences_pair_runs_by_seed():
+    import pandas as pd
+    from epi.compare import paired
+    df = pd.DataFrame({"protocol": "mix", "method": ["a", "a", "b", "b"], "seed": [0, 1, 1, 0],
+                       "mean_score": [0.5, 0.7, 0.6, 0.2]})
+    d = paired(df, "a", "b")
+    assert d["seeds"] == 2 and d["positive"] == 2
+    assert d["mean"] == pytest.approx(0.2) and d["sd"] == pytest.approx((0.2 - 0.1) * 2 ** 0.5)
