@@ -16,6 +16,7 @@ CHECK = "nbval-check-output"
 
 def clean(nb: dict) -> dict:
     nb.get("metadata", {}).pop("papermill", None)
+    nb.get("metadata", {}).pop("widgets", None)  # ipywidgets state of progress bars: noise
     nb["metadata"].setdefault("kernelspec", {"display_name": "Python 3", "language": "python", "name": "python3"})
     nb["metadata"]["kernelspec"]["name"] = "python3"
     counter = 0
