@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Unit tests and every notebook (smoke profile, nbval-lax: only checked cells are compared), 2 workers.
 test: install
-	TQDM_DISABLE=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q -n 2 --dist loadfile tests $(PYTEST_ARGS)
+	EPI_SMOKE=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q -n 2 --dist loadfile \
+		--nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+		--durations=10 tests notebooks $(PYTEST_ARGS)
 
 reproduce: install
 	TQDM_DISABLE=$${TQDM_DISABLE:-0} MPLBACKEND=Agg $(PY) -m epi reproduce --profile $(PROFILE) --seed $(SEED) --out artifacts
