@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import small_llama  # noqa: E402
+from helpers import small_llama  # noqa: E402
 
 from epi import EPIConfig, EvolvingIsolation  # noqa: E402
 from epi.train import TrainConfig, load_checkpoint, make_optimizer, save_checkpoint, train_steps  # noqa: E402

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT, small_llama
+from helpers import ROOT, small_llama
 from epi import EPIConfig, EvolvingIsolation
 from epi.distributed import check_supported, digest, gather_masks, shard_group
 from epi.hf import EPICallback

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from epi import EPIConfig, EvolvingIsolation
-from conftest import small_llama
+from helpers import small_llama
 
 VOCAB = 48
 

@@ -8,7 +8,7 @@ import torch
 from accelerate.utils import AutocastKwargs
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from conftest import small_llama
+from helpers import small_llama
 from epi import EPIConfig
 from epi.hf import EPICallback, EPITrainerMixin, TaskCollator, base_optimizer, task_blocks
 

@@ -8,7 +8,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def pins():

@@ -1,7 +1,7 @@
 """The README's usage example runs as written."""
 import re
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_readme_usage_example_runs():
