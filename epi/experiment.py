@@ -60,6 +60,8 @@ class ExperimentConfig:
     base_lr: float = 2e-3
     base_batch_size: int = 32
     general_eval: bool = False              # measure general ability (epi.general) before and after each stage
+    freeze_embeddings: bool = False         # input embeddings (and a tied LM head) never train: faster CPU steps
+    bf16_autocast: bool = False             # training forward/backward under torch.autocast(bfloat16); evals fp32
     monitor: bool = False                   # non-isolating methods: track importance and masks anyway (drift)
     snapshots: bool = False                 # save every refresh's masks + an importance sample (snapshots.npz)
     threads: int = 1
@@ -116,9 +118,10 @@ PROFILES: Dict[str, dict] = {
     "smoke": dict(steps_per_task=12, batch_size=8, base_batch_size=8, train_records=200, eval_records=8, eval_every=6,
                   probe_steps=6, base_steps=60, refresh_every=5, warmup_steps=3, checkpoint_every=0),
     "cpu": {},
-    "real_cpu": dict(model="smollm2-135m", tasks=["math", "code"], steps_per_task=40, batch_size=4, lr=5e-5,
-                     max_length=128, eval_records=48, eval_every=0, probe_steps=15, refresh_every=10,
-                     warmup_steps=5, checkpoint_every=20, protocol="sequential"),
+    "real_cpu": dict(model="smollm2-135m", tasks=["math", "code"], steps_per_task=24, batch_size=4, lr=1e-4,
+                     max_length=128, eval_records=32, eval_every=0, probe_steps=8, refresh_every=8,
+                     warmup_steps=4, checkpoint_every=24, protocol="sequential", general_eval=True,
+                     freeze_embeddings=True, bf16_autocast=True, threads=1),
     "gpu": dict(model="Qwen/Qwen2.5-0.5B-Instruct", data_source="hub", tasks=["gsm8k", "codealpaca", "logiqa",
                 "alpaca", "ultrachat"], steps_per_task=300, batch_size=16, lr=1e-5, max_length=512,
                 train_records=2000, eval_records=200, eval_every=0, probe_steps=50, threads=8),
