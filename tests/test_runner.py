@@ -103,3 +103,16 @@ def test_paired_differences_pair_runs_by_seed():
     d = paired(df, "a", "b")
     assert d["seeds"] == 2 and d["positive"] == 2
     assert d["mean"] == pytest.approx(0.2) and d["sd"] == pytest.approx((0.2 - 0.1) * 2 ** 0.5)
+
+
+def test_cli_runs_a_method_and_compares(tmp_path):
+    env = {**__import__("os").environ, "TQDM_DISABLE": "1"}
+    run = subprocess.run([sys.executable, "-m", "epi", "run", "--method", "epi", "--profile", "smoke",
+                          "--tasks", "math,chat", "--set", "steps_per_task=6", "--set", "eval_records=4",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "stage 1/1 math+chat" in run.stdout and "done mix-epi-s0" in run.stdout
+    cmp = subprocess.run([sys.executable, "-m", "epi", "compare", str(tmp_path), "--out", str(tmp_path / "sum")],
+                         capture_output=True, text=True, env=env)
+    assert cmp.returncode == 0 and "| epi | 1 |" in cmp.stdout
+    assert (tmp_path / "sum" / "summary.csv").exists()
