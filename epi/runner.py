@@ -7,7 +7,6 @@ A run interrupted and restarted with the same command resumes from its last chec
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -109,19 +108,29 @@ class Run:
         for t in tasks:
             model = copy.deepcopy(self.model)
             opt = make_optimizer(model, TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
-            with self.autocast():
-                train_steps(model, opt, StepData(self.batchers, [t] * steps), steps=steps, clip=cfg.clip,
-                            desc=f"probe {t}")
+            train_steps(model, opt, StepData(self.batchers, [t] * steps), steps=steps, clip=cfg.clip,
+                        desc=f"probe {t}")
             params = [p for _, p in isolatable(model, EPIConfig())]
             probes[t] = [p.detach().clone() for p in params]
             deltas[t] = [p - s for p, s in zip(probes[t], start)]
         return deltas, probes
 
-    def autocast(self):
-        """Return the context the training steps run in: bf16 autocast when `bf16_autocast`, else none."""
-        if not self.config.bf16_autocast:
-            return contextlib.nullcontext()
-        return torch.autocast(next(self.model.parameters()).device.type, dtype=torch.bfloat16)
+    def autocast_training_forward(self) -> None:
+        """Run the model's train-mode forwards under bf16 autocast (hooks, kept by deepcopy). Backward runs
+        in the forward's dtypes; clipping, the optimizer step and eval-mode forwards stay fp32 (measured:
+        one autocast context around the whole loop kept SmolLM2 from learning at all)."""
+        device, active = next(self.model.parameters()).device.type, []
+
+        def enter(module, args):
+            if module.training:
+                active.append(torch.autocast(device, dtype=torch.bfloat16))
+                active[-1].__enter__()
+
+        def leave(module, args, output):
+            if module.training and active:
+                active.pop().__exit__(None, None, None)
+        self.model.register_forward_pre_hook(enter)
+        self.model.register_forward_hook(leave)
 
     def evaluate(self) -> Dict[str, dict]:
         from .tasks import evaluate
@@ -139,6 +148,8 @@ class Run:
         self.model, self.tokenizer = self.load_start()
         if cfg.freeze_embeddings:  # for every method alike; a tied LM head is the same tensor
             self.model.get_input_embeddings().weight.requires_grad_(False)
+        if cfg.bf16_autocast:
+            self.autocast_training_forward()
         self.iso_params = [p for _, p in isolatable(self.model, EPIConfig())]
         all_tasks = list(dict.fromkeys(cfg.tasks))
         self.eval_sets = {t: eval_records(t, cfg.eval_records, cfg.difficulty, cfg.data_source) for t in all_tasks}
@@ -212,10 +223,8 @@ class Run:
                     record["losses"], record["loss_tasks"] = st.losses, st.tasks
                     save_checkpoint(ckpt_path, model=self.model, optimizer=opt, state=st, engine=self.engine,
                                     extra={"method": self.method.state_dict(), "record": record})
-            with self.autocast():
-                state = train_steps(self.model, opt, data, steps=hi, state=state, engine=self.engine,
-                                    plugins=plugins, clip=cfg.clip, callback=after,
-                                    desc=f"stage {k + 1}/{len(self.stage_list)}")
+            state = train_steps(self.model, opt, data, steps=hi, state=state, engine=self.engine, plugins=plugins,
+                                clip=cfg.clip, callback=after, desc=f"stage {k + 1}/{len(self.stage_list)}")
             self.method.stage_end(self, k, self.stage_list[k])
             scores = self.evaluate()
             record["stage_scores"].append(scores)
