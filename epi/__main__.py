@@ -24,14 +24,20 @@ def _bench(args) -> int:
     return 0
 
 
-def _overrides(args) -> dict:
+def parse_sets(items) -> dict:
+    """Return {key: value} from KEY=VALUE strings (values parsed as JSON when they are JSON)."""
     out = {}
-    for item in args.set or []:
+    for item in items or []:
         key, _, value = item.partition("=")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
+    return out
+
+
+def _overrides(args) -> dict:
+    out = parse_sets(args.set)
     for key in ("protocol", "seed", "method"):
         if getattr(args, key, None) is not None:
             out[key] = getattr(args, key)

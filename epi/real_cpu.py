@@ -221,13 +221,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .runner import run_grid
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    overrides: Dict[str, object] = {}
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    from .__main__ import parse_sets
+    overrides: Dict[str, object] = parse_sets(args.set)
     if args.threads:
         overrides["threads"] = args.threads
     configs = grid_configs(args.pair, args.methods, args.seeds, not args.one_direction, **overrides)
