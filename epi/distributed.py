@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -260,6 +261,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    # Seen on the loaded 2-core CI machine: a gloo worker thread aborted the process during interpreter
+    # teardown ("terminate called without an active exception") after every result was written.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
