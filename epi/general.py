@@ -31,6 +31,7 @@ import inspect
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -172,7 +173,7 @@ class GeneralProbe:
             self.start = self.measure(model, reuse_start=False)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel runs may write the same entry
                 torch.save({"base": self.base, "start": self.start}, tmp)
                 tmp.replace(path)
         log.info("general probe: %d pairs, %d response positions, top_k %d", len(self.examples),

@@ -51,7 +51,7 @@ def grid_configs(pair: Sequence[str] = PAIR, methods: Sequence[str] = METHODS, s
             for x, y in directions for s in seeds for m in methods]
 
 
-def measure_base(config: ExperimentConfig, real_data: Optional[Path] = REAL_DATA) -> dict:
+def measure_base(config: ExperimentConfig, real_data: Optional[Path] = REAL_DATA, threads: int = 2) -> dict:
     """Return the base model's general ability, EPI-Mini scores and real-slice scores (before any SFT)."""
     import torch
 
@@ -59,7 +59,7 @@ def measure_base(config: ExperimentConfig, real_data: Optional[Path] = REAL_DATA
     from .general import GeneralProbe
     from .models import load_model
     from .tasks import ABILITIES, evaluate, load_task
-    torch.set_num_threads(config.threads)
+    torch.set_num_threads(threads)
     t0 = time.time()
     model, tokenizer = load_model(config.model, seed=config.seed)
     out = {"model": config.model, "eval_records": config.eval_records,
@@ -151,40 +151,67 @@ def _cell(mean: float, sd: float, digits: int) -> str:
     return f"{mean:+.{digits}f}" if pd.isna(sd) else f"{mean:+.{digits}f} ± {sd:.{digits}f}"
 
 
-def markdown(df: pd.DataFrame, base: Optional[dict], command: str, wall_s: Optional[float]) -> str:
+def markdown(df: pd.DataFrame, base: Optional[dict], command: str, wall_s: Optional[float],
+             settings: Optional[dict] = None) -> str:
     """Return summary.md: base scores, the Table 2 shape and the general-ability columns."""
     lines = [f"<!-- made by: {command} -->", "", "# real_cpu: sequential SFT of SmolLM2-135M-Instruct", ""]
-    cfg = df.iloc[0]
     seeds = sorted(df["seed"].unique().tolist())
     lines.append(f"Methods {', '.join(dict.fromkeys(df['method']))}; seeds {seeds}; directions "
                  f"{', '.join(dict.fromkeys(df['direction']))}. Scores in points (×100, exact-match / pass "
                  "rate on held-out EPI-Mini prompts); mean ± sd over seeds.")
+    if settings:
+        lines.append("Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".")
     if wall_s is not None:
         lines.append(f"Grid wall time: {wall_s / 60:.1f} min ({len(df)} runs; mean run "
-                     f"{df['wall_s'].mean():.0f} s).")
+                     f"{df['wall_s'].mean():.0f} s, sum {df['wall_s'].sum() / 60:.1f} min).")
     if base:
-        lines += ["", "## Base model (before any fine-tuning)", "",
-                  f"General pairs: response loss {base['general']['general_loss']:.3f} "
-                  f"(Alpaca-style {base['general'].get('general_loss_alpaca', float('nan')):.3f}, chat-style "
-                  f"{base['general'].get('general_loss_chat', float('nan')):.3f}), KL to itself "
-                  f"{base['general']['kl']:.1f}.", "",
-                  "| task | source | n | score | loss |", "|---|---|---|---|---|"]
-        for t, s in base["scores"].items():
-            lines.append(f"| {t} | {s['source']} | {s['n']} | {100 * s['score']:.1f} | {s['loss']:.3f} |")
-    frame = table2_frame(df)
-    names = list(dict.fromkeys(c[0] for c in frame.columns))
+        lines += ["", "## Base model (before any fine-tuning)", "", base_markdown(base)]
     lines += ["", "## CPI-FT Table 2 shape", "",
               "Δ on the first task = score after the second stage − after the first (negative = forgotten); "
               "Δ on the second task = its learning during the second stage. General loss increase = general "
               "response loss at the end − at the start; KL = next-token KL(base ‖ final) on the general "
-              "pairs (top-256 + rest).", "",
-              "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+              "pairs (top-256 + rest).", "", table2_markdown(df), "",
+              "## Claims", "", "| claim | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['measured']}; {c['evidence']} | {c['verdict']} |" for c in claims(df)]
+    lines += ["", "Per run: `summary.csv` (one row per method × seed × direction)."]
+    return "\n".join(lines) + "\n"
+
+
+def base_markdown(base: dict) -> str:
+    """Return the base model's measurements (`load_base()`) as a sentence and a markdown table."""
+    g = base["general"]
+    lines = [f"General pairs: response loss {g['general_loss']:.3f} (Alpaca-style "
+             f"{g.get('general_loss_alpaca', float('nan')):.3f}, chat-style {g.get('general_loss_chat', float('nan')):.3f}), "
+             f"KL to itself {g['kl']:.1f}.", "", "| task | source | n | score | loss |", "|---|---|---|---|---|"]
+    lines += [f"| {t} | {s['source']} | {s['n']} | {100 * s['score']:.1f} | {s['loss']:.3f} |"
+              for t, s in base["scores"].items()]
+    return "\n".join(lines)
+
+
+def table2_markdown(df: pd.DataFrame) -> str:
+    """Return the Table 2 shape of `table2_frame(df)` as a markdown table (mean ± sd over seeds)."""
+    frame = table2_frame(df)
+    names = list(dict.fromkeys(c[0] for c in frame.columns))
+    lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for method, row in frame.iterrows():
         cells = [_cell(row[(n, "mean")], row[(n, "sd")], 3 if ("loss" in n or "KL" in n) else 1) for n in names]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", f"Per run: `summary.csv` (one row per method × seed × direction). Profile values: "
-              f"steps_per_task {cfg.get('steps_per_task', '?')}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
+
+
+def claims(df: pd.DataFrame, baseline: str = "full_sft", margin: float = 0.03) -> List[dict]:
+    """Return report claims: does each isolating method forget less of the first task than `baseline`
+    (paired by seed and direction; `epi.report.reduction_claim`), and how much of the second task does it
+    learn relative to `baseline`?"""
+    from .report import reduction_claim
+    out = []
+    for method in [m for m in dict.fromkeys(df["method"]) if m != baseline]:
+        learned = df[df["method"] == method]["learning_B"].mean() / max(
+            df[df["method"] == baseline]["learning_B"].mean(), 1e-9)
+        out.append(reduction_claim(f"SmolLM2-135M (real_cpu): {method} forgets less of the first task than "
+                                   f"{baseline} (CPI-FT Table 2 shape)", df, "forgetting_A", method, baseline,
+                                   margin, f"second task learned {100 * learned:.0f}% as much as {baseline}"))
+    return out
 
 
 def write_results(df: pd.DataFrame, base: Optional[dict], results: str | Path, command: str,
@@ -197,8 +224,7 @@ def write_results(df: pd.DataFrame, base: Optional[dict], results: str | Path, c
     with (results / "summary.csv").open("w") as fh:
         fh.write(f"# made by: {command}\n")
         df.to_csv(fh, index=False, float_format="%.4f")
-    text = markdown(df.assign(**(settings or {})), base, command, wall_s)
-    (results / "summary.md").write_text(text)
+    (results / "summary.md").write_text(markdown(df, base, command, wall_s, settings))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--pair", nargs=2, default=list(PAIR), metavar=("A", "B"))
     p.add_argument("--one-direction", action="store_true", help="A→B only")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="parallel runs (each with the profile's 1 thread)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the profile's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any experiment setting")
     p.add_argument("--real-data", default=str(REAL_DATA), help="folder with gsm8k/ and logiqa/ slices")
@@ -235,15 +261,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(base, indent=1), flush=True)
     elif (results / "base.json").is_file():
         base = load_base(results)
-    print(f"running {len(configs)} runs into {args.out} with {args.workers} worker(s)", flush=True)
+    todo = [c for c in configs if not (Path(args.out) / c.run_name / "results.json").exists()]
+    print(f"running {len(todo)} of {len(configs)} runs into {args.out} with {args.workers} worker(s)", flush=True)
     t0 = time.time()
     records = run_grid(configs, args.out, workers=args.workers, say=lambda s: print(s, flush=True))
-    wall = time.time() - t0
+    timing = results / "grid_time.json"
+    if todo:  # the wall time of the invocation that actually ran the grid (a rerun that only summarises keeps it)
+        results.mkdir(parents=True, exist_ok=True)
+        timing.write_text(json.dumps({"wall_s": round(time.time() - t0, 1), "runs": len(todo),
+                                      "workers": args.workers, "date": time.strftime("%Y-%m-%d %H:%M")}) + "\n")
+    wall = json.loads(timing.read_text())["wall_s"] if timing.is_file() else None
     df = summarize(records)
     cfg = configs[0]
-    write_results(df, base, results, command, wall, settings={"steps_per_task": cfg.steps_per_task})
+    settings = {k: getattr(cfg, k) for k in ("steps_per_task", "batch_size", "lr", "max_length", "eval_records",
+                                             "ratio", "refresh_every", "warmup_steps", "probe_steps",
+                                             "freeze_embeddings", "bf16_autocast", "threads")}
+    settings["workers"] = args.workers
+    write_results(df, base, results, command, wall, settings=settings)
     print(table2_frame(df).round(3).to_string())
-    print(f"grid wall time {wall / 60:.1f} min; wrote {results}/summary.csv and summary.md")
+    print(f"grid wall time {wall / 60:.1f} min; wrote {results}/summary.csv and summary.md" if wall else
+          f"wrote {results}/summary.csv and summary.md")
     return 0
 
 

@@ -22,6 +22,36 @@ def claim(claim: str, measured: str, verdict: str, evidence: str = "") -> dict:
     return {"claim": claim, "measured": measured, "verdict": verdict, "evidence": evidence}
 
 
+def reduction_claim(text: str, frame, column: str, method: str, baseline: str, margin: float = 0.03,
+                    evidence: str = "") -> dict:
+    """Return the claim "`method` has a lower `column` than `baseline`", decided on paired runs.
+
+    Runs pair on seed (and direction when `frame` has one); reduction = baseline − method per pair.
+    supported = every pair shows a reduction and the mean reduction exceeds `margin`; not supported = the mean
+    reduction is ≤ 0; mixed otherwise; not measured = the baseline's own mean is ≤ `margin` (nothing to
+    reduce) or no pair exists.
+    """
+    from .metrics import mean_sd
+    keys = [k for k in ("seed", "direction") if k in frame]
+    pairs = frame[frame["method"] == baseline].merge(frame[frame["method"] == method], on=keys,
+                                                     suffixes=("_base", "_m"))
+    if pairs.empty:
+        return claim(text, f"no paired runs of {method} and {baseline}", "not measured", evidence)
+    diffs = (pairs[f"{column}_base"] - pairs[f"{column}_m"]).tolist()
+    mean_diff, base_mean = sum(diffs) / len(diffs), pairs[f"{column}_base"].mean()
+    measured = (f"{column}: {baseline} {mean_sd(pairs[f'{column}_base'].tolist())}, {method} "
+                f"{mean_sd(pairs[f'{column}_m'].tolist())}; paired reduction {mean_diff:+.3f} ({len(diffs)} pairs)")
+    if base_mean <= margin:
+        verdict = "not measured"
+    elif min(diffs) > 0 and mean_diff > margin:
+        verdict = "supported"
+    elif mean_diff <= 0:
+        verdict = "not supported"
+    else:
+        verdict = "mixed"
+    return claim(text, measured, verdict, evidence)
+
+
 def write_summary(out: str | Path, notebook: str, *, profile: str, seeds: Sequence[int], claims: List[dict],
                   tables: Optional[Dict[str, str]] = None, figures: Optional[List[str]] = None,
                   numbers: Optional[dict] = None) -> Path:

@@ -144,8 +144,10 @@ def _fake_record(method, seed, a, b, scores, general):
 
 
 def test_real_cpu_summary_has_one_row_per_run_and_the_table2_columns(tmp_path):
-    from epi.real_cpu import load_summary, summarize, table2_frame, write_results
-    records = [_fake_record(m, seed, a, b, [(0.0, 0.0), (0.5, 0.1), (0.2, 0.6)], [(2.0, 0.0), (2.2, 0.1), (2.5, 0.3)])
+    from epi.real_cpu import claims, load_summary, summarize, table2_frame, write_results
+    scores, general = [(0.0, 0.0), (0.5, 0.1), (0.2, 0.6)], [(2.0, 0.0), (2.2, 0.1), (2.5, 0.3)]
+    records = [_fake_record(m, seed, a, b, scores if m == "full_sft" else [(0.0, 0.0), (0.5, 0.1), (0.4, 0.6)],
+                            general)
                for m in ("full_sft", "epi") for seed in (0, 1) for a, b in (("math", "code"), ("code", "math"))]
     df = summarize(records)
     assert len(df) == 8
@@ -154,7 +156,10 @@ def test_real_cpu_summary_has_one_row_per_run_and_the_table2_columns(tmp_path):
     assert row["general_loss_increase"] == pytest.approx(0.5) and row["kl"] == pytest.approx(0.3)
     write_results(df, None, tmp_path, "test")
     back = load_summary(tmp_path)
-    assert {"method", "seed", "direction", "forgetting_A", "learning_B", "general_loss_increase", "kl"} <= set(back)
+    required = {"method", "seed", "direction", "forgetting_A", "learning_B", "general_loss_increase", "kl"}
+    assert required <= set(back)
     frame = table2_frame(back)
     assert frame.loc["full_sft", ("math->code: Δmath (forgetting)", "mean")] == pytest.approx(-30.0)
     assert "CPI-FT Table 2 shape" in (tmp_path / "summary.md").read_text()
+    (verdict,) = claims(back)
+    assert verdict["verdict"] == "supported" and "epi forgets less of the first task than full_sft" in verdict["claim"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from epi.drift import jaccard_matrix, random_jaccard, spearman_matrix
-from epi.report import claim, write_report, write_summary
+from epi.report import claim, reduction_claim, write_report, write_summary
 
 
 def test_report_collects_claims_tables_and_figures(tmp_path):
@@ -37,3 +37,18 @@ def test_drift_matrices_from_masks_and_samples():
     s = spearman_matrix({1: np.array([1.0, 2, 3, 4]), 2: np.array([4.0, 3, 2, 1])}, [1, 2])
     assert s[0, 1] == pytest.approx(-1.0)
     assert random_jaccard(0.1) == pytest.approx(0.1 / 1.9)
+
+
+def test_reduction_claim_pairs_runs_by_seed_and_direction_and_applies_the_margin():
+    import pandas as pd
+    rows = [("full_sft", 0, "a→b", 0.40), ("epi", 0, "a→b", 0.10), ("full_sft", 1, "a→b", 0.30),
+            ("epi", 1, "a→b", 0.20), ("full_sft", 0, "b→a", 0.50), ("epi", 0, "b→a", 0.55)]
+    df = pd.DataFrame(rows, columns=["method", "seed", "direction", "forgetting_A"])
+    mixed = reduction_claim("x", df, "forgetting_A", "epi", "full_sft")
+    # reductions 0.30, 0.10, −0.05 over 3 pairs: mean +0.117 > margin but one pair worse → mixed
+    assert mixed["verdict"] == "mixed" and "paired reduction +0.117 (3 pairs)" in mixed["measured"]
+    both_better = reduction_claim("x", df[df.direction == "a→b"], "forgetting_A", "epi", "full_sft")
+    assert both_better["verdict"] == "supported"
+    assert reduction_claim("x", df[df.direction == "b→a"], "forgetting_A", "epi", "full_sft")["verdict"] == "not supported"
+    assert reduction_claim("x", df, "forgetting_A", "epi", "full_sft", margin=0.5)["verdict"] == "not measured"
+    assert reduction_claim("x", df, "forgetting_A", "random", "full_sft")["verdict"] == "not measured"
