@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -142,6 +143,25 @@ class Run:
         from .tasks import evaluate
         return evaluate(self.model, self.tokenizer, self.eval_sets)
 
+    def evaluate_start(self) -> Dict[str, dict]:
+        """Return the start model's scores, cached on disk by (weights, eval sets, threads): every run of a grid
+        that starts from the same model would otherwise repeat the same greedy evaluation."""
+        import hashlib
+
+        from .general import fingerprint
+        from .models import cache_root
+        key = hashlib.sha1(json.dumps([fingerprint(self.model), torch.get_num_threads(), self.eval_sets],
+                                      sort_keys=True, default=str).encode()).hexdigest()[:20]
+        path = cache_root() / "start_scores" / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        scores = self.evaluate()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel runs may write the same entry
+        tmp.write_text(json.dumps(scores))
+        tmp.replace(path)
+        return scores
+
     # ---- the run -----------------------------------------------------------------------------------
     def execute(self) -> dict:
         from .data import StepData, balanced_schedule, eval_records, make_batchers, with_replay
@@ -172,7 +192,7 @@ class Run:
             from .general import GeneralProbe
             self.general = GeneralProbe(self.model, self.tokenizer, max_length=cfg.max_length)
         if record is None:
-            self.base_eval = self.evaluate()
+            self.base_eval = self.evaluate_start()
         else:
             self.base_eval = record["base_scores"]
         engine_cfg = self.method.engine_config(self)

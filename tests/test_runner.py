@@ -116,3 +116,18 @@ def test_cli_runs_a_method_and_compares(tmp_path):
                          capture_output=True, text=True, env=env)
     assert cmp.returncode == 0 and "| epi | 1 |" in cmp.stdout
     assert (tmp_path / "sum" / "summary.csv").exists()
+
+
+def test_the_start_scores_are_cached_by_weights_and_equal_a_fresh_evaluation(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPI_CACHE", str(tmp_path / "cache"))
+    cfg = resolve("smoke", method="full_sft", seed=0, **SMOKE)
+    first = run_experiment(cfg, tmp_path / "a")
+    (entry,) = (tmp_path / "cache" / "start_scores").glob("*.json")
+    assert json.loads(entry.read_text()) == first["base_scores"]
+    # a second run from the same start model reads the entry; its record is the same
+    again = run_experiment(resolve("smoke", method="epi", seed=0, **SMOKE), tmp_path / "b")
+    assert again["base_scores"] == first["base_scores"]
+    assert len(list((tmp_path / "cache" / "start_scores").glob("*.json"))) == 1
+    # another seed's start model (a different tiny-base) gets its own entry
+    run_experiment(resolve("smoke", method="full_sft", seed=1, **SMOKE), tmp_path / "c")
+    assert len(list((tmp_path / "cache" / "start_scores").glob("*.json"))) == 2
