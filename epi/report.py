@@ -73,11 +73,17 @@ def write_summary(out: str | Path, notebook: str, *, profile: str, seeds: Sequen
     return path
 
 
-def write_report(artifacts: str | Path, out: Optional[str | Path] = None, title: str = "EPI reproduction report") -> Path:
-    """Collect every `<artifacts>/*/summary.json` into `<artifacts>/report.md`; return its path."""
+def write_report(artifacts: str | Path, out: Optional[str | Path] = None, title: str = "EPI reproduction report",
+                 notebooks: Optional[Sequence[str]] = None) -> Path:
+    """Collect `<artifacts>/*/summary.json` into `<artifacts>/report.md`; return its path.
+
+    notebooks: folder-name prefixes to include (e.g. ("01", "02")), so a summary left by an earlier run of
+    another notebook (another profile, another day) does not enter this report; None = every summary.
+    """
     artifacts = Path(artifacts)
     summaries = [json.loads(p.read_text()) | {"_dir": p.parent}
-                 for p in sorted(artifacts.glob("*/summary.json"))]
+                 for p in sorted(artifacts.glob("*/summary.json"))
+                 if notebooks is None or p.parent.name.startswith(tuple(notebooks))]
     if not summaries:
         raise FileNotFoundError(f"no */summary.json under {artifacts}: run the notebooks first (make reproduce)")
     out = Path(out) if out else artifacts / "report.md"

