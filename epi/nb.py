@@ -34,8 +34,9 @@ def repo_root() -> Path:
 
 def setup_notebook(seed: int = 0, out: str | Path = "artifacts", profile: str = "auto",
                    threads: Optional[int] = None) -> dict:
-    """Seed everything, apply the plot style, quieten progress bars under CI, create the output folder;
-    return a report dict (profile, seed, versions, device, out)."""
+    """Seed everything, apply the plot style, quieten progress bars under CI, create the output folder `out`
+    ("{profile}" in it is replaced by the resolved profile; relative to the repo root); return a report dict
+    (profile, seed, versions, device, out)."""
     if quiet():
         for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
             os.environ.setdefault(var, "1")
@@ -50,12 +51,14 @@ def setup_notebook(seed: int = 0, out: str | Path = "artifacts", profile: str = 
         torch.set_num_threads(threads)
     seed_everything(seed)
     set_style()
-    out = Path(out)
+    profile = resolve_profile(profile)
+    # "{profile}" in the folder keeps each tier's outputs apart (CI's smoke runs never overwrite a cpu reproduction)
+    out = Path(str(out).replace("{profile}", profile))
     if not out.is_absolute():
         out = repo_root() / out
     (out / "figures").mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
-    return {"profile": resolve_profile(profile), "seed": seed, "out": out, "device": device,
+    return {"profile": profile, "seed": seed, "out": out, "device": device,
             "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version()}
 

@@ -3,8 +3,9 @@
   python -m epi reproduce --profile cpu      # the main job (default); --profile smoke for a quick pass
 
 Executed notebooks go to artifacts/notebooks/, each notebook's outputs and summary.json to
-artifacts/<notebook>/, runs to artifacts/runs/<profile>/ (finished runs are reused), and the
-reproduction report to artifacts/report.md.
+artifacts/<profile>/<notebook>/ (the notebooks' default, so `make test`'s smoke runs keep out of a cpu
+reproduction), runs to artifacts/runs/<profile>/ (finished runs are reused), and the reproduction report
+to artifacts/report.md.
 """
 from __future__ import annotations
 
@@ -28,14 +29,14 @@ def main(profile: str = "cpu", seed: int = 0, out: str = "artifacts") -> int:
         (nb,) = sorted((root / "notebooks").glob(f"{prefix}_*.ipynb"))
         t0 = time.time()
         print(f"[reproduce] {nb.name} · profile {profile} · seed {seed}", flush=True)
-        wanted = {"PROFILE": profile, "SEED": seed, "OUTPUT_DIR": str(out_dir / nb.stem),
+        wanted = {"PROFILE": profile, "SEED": seed, "OUTPUT_DIR": str(out_dir / profile / nb.stem),
                   "RUNS_DIR": str(out_dir / "runs")}
         known = pm.inspect_notebook(str(nb))
         pm.execute_notebook(str(nb), str(out_dir / "notebooks" / nb.name), kernel_name="python3",
                             parameters={k: v for k, v in wanted.items() if k in known},
                             cwd=str(root / "notebooks"), progress_bar=False)
         print(f"[reproduce] {nb.name} done in {time.time() - t0:.0f} s", flush=True)
-    report = write_report(out_dir, title=f"EPI reproduction report (profile {profile}, seed {seed})",
-                          notebooks=NOTEBOOKS)
+    report = write_report(out_dir / profile, out=out_dir / "report.md", notebooks=NOTEBOOKS,
+                          title=f"EPI reproduction report (profile {profile}, seed {seed})")
     print(f"[reproduce] wrote {report} in {time.time() - t_all:.0f} s")
     return 0

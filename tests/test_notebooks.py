@@ -96,3 +96,16 @@ def test_outputs_are_stripped_except_checked_cells():
     for path in NOTEBOOKS:
         checked = [c for c in load(path)["cells"] if "nbval-check-output" in c.get("metadata", {}).get("tags", [])]
         assert checked and all(c["outputs"] for c in checked), f"{path.name}: checked cells need recorded outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_outputs_default_to_a_folder_per_profile(path):
+    """CI's smoke runs must not overwrite a cpu reproduction's summaries and figures."""
+    assert f'OUTPUT_DIR: str = "artifacts/{{profile}}/{path.stem}"' in source(parameters_cell(load(path))[0])
+
+
+def test_setup_notebook_puts_the_resolved_profile_in_the_output_folder(tmp_path):
+    from epi.nb import setup_notebook
+    info = setup_notebook(0, str(tmp_path / "{profile}" / "01_x"), "smoke")
+    assert info["profile"] == "smoke" and info["out"] == tmp_path / "smoke" / "01_x"
+    assert (tmp_path / "smoke" / "01_x" / "figures").is_dir()
