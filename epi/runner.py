@@ -116,12 +116,6 @@ class Run:
             deltas[t] = [p - s for p, s in zip(probes[t], start)]
         return deltas, probes
 
-    def autocast(self):
-        """Return a context for training steps run outside `execute` (kept for callers such as notebook 02):
-        a no-op, because bf16 autocast, when configured, is attached to the model's train-mode forwards."""
-        import contextlib
-        return contextlib.nullcontext()
-
     def autocast_training_forward(self) -> None:
         """Run the model's train-mode forwards under bf16 autocast (hooks, kept by deepcopy). Backward runs
         in the forward's dtypes; clipping, the optimizer step and eval-mode forwards stay fp32 (measured:
