@@ -5,6 +5,8 @@
 Prints, per model shape: EPI training step vs plain fused-AdamW step (interleaved, same batches),
 refresh time vs torch.cat + kthvalue on the same importance values (and that both agree exactly), and
 the engine's persistent bytes per isolatable parameter in the default and lean (bf16 + index) modes.
+On CUDA the models are bf16 and the table adds the peak GPU memory of each training setup
+(`epi.gpu_check` runs this on the GPU shapes and writes the numbers to results/gpu/).
 """
 from __future__ import annotations
 
@@ -55,11 +57,13 @@ def random_model(shape: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     """Return a randomly initialised causal LM of a named shape (only the shape matters: timing, memory)."""
     from transformers import AutoModelForCausalLM
     config = shape_config(shape)
-    with torch.random.fork_rng(devices=[]):
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
         torch.manual_seed(seed)
-        if device == "meta":
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(config)
+        if device == "meta" or cuda:  # initialised where it lives: a 1.5B model inits in seconds on a GPU
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config)
+            return model if device == "meta" else model.to(dtype=dtype)
         return AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
 
 
@@ -86,6 +90,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _allocated(device: str) -> int:
+    return torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_since(device: str, baseline: int) -> int:
+    return torch.cuda.max_memory_allocated(device) - baseline if device.startswith("cuda") else 0
+
+
 def _step(model, opt, batch, iso=None) -> float:
     t0 = time.perf_counter()
     model(**batch).loss.backward()
@@ -100,18 +117,32 @@ def _step(model, opt, batch, iso=None) -> float:
 
 def step_ratio(shape: str, *, batch: int, seq: int, reps: int, device: str, dtype: torch.dtype,
                config: EPIConfig) -> dict:
-    """Return median plain and EPI step times (s) measured interleaved, and their ratio."""
-    plain, epi = _model(shape, device, dtype), _model(shape, device, dtype)
+    """Return median plain and EPI step times (s) measured interleaved, and their ratio.
+
+    On CUDA also the peak GPU memory (GiB) of each setup on its own during its warm-up steps (weights,
+    AdamW state, gradients, activations; EPI: + engine and its first refresh): `plain_peak_gib`, `epi_peak_gib`.
+    """
     fused = dict(fused=True) if device == "cpu" or device.startswith("cuda") else {}
-    opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-4, weight_decay=0.1, **fused)
-    opt_e = torch.optim.AdamW(epi.parameters(), lr=1e-4, weight_decay=0.1, **fused)
-    iso = EvolvingIsolation(epi, config).attach(opt_e)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), generator=g).to(device)
     data = {"input_ids": x, "labels": x}
-    for _ in range(max(2, config.warmup_steps + 1)):  # warm-up and first mask before timing
+    warmup = max(2, config.warmup_steps + 1)  # warm-up and first mask before timing
+    # one setup after the other, so each peak counts only what that setup added to the GPU
+    baseline = _allocated(device)
+    _reset_peak(device)
+    plain = _model(shape, device, dtype)
+    opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-4, weight_decay=0.1, **fused)
+    for _ in range(warmup):
         _step(plain, opt_p, data)
+    plain_peak = _peak_since(device, baseline)
+    baseline = _allocated(device)
+    _reset_peak(device)
+    epi = _model(shape, device, dtype)
+    opt_e = torch.optim.AdamW(epi.parameters(), lr=1e-4, weight_decay=0.1, **fused)
+    iso = EvolvingIsolation(epi, config).attach(opt_e)
+    for _ in range(warmup):
         _step(epi, opt_e, data, iso)
+    epi_peak = _peak_since(device, baseline)
     tp, te = [], []
     for _ in range(reps):  # interleaved: both see the same machine state
         tp.append(_step(plain, opt_p, data))
@@ -119,23 +150,38 @@ def step_ratio(shape: str, *, batch: int, seq: int, reps: int, device: str, dtyp
     mp, me = statistics.median(tp), statistics.median(te)
     out = {"plain_s": mp, "epi_s": me, "ratio": me / mp, "protected": iso.protected_fraction(),
            "mode": iso.isolator.mode}
+    if device.startswith("cuda"):
+        out.update(plain_peak_gib=plain_peak / 2**30, epi_peak_gib=epi_peak / 2**30)
+    iso.detach()
     del plain, epi, opt_p, opt_e, iso
-    gc.collect()
+    _release(device)
     return out
 
 
+def _release(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def refresh_ratio(shape: str, *, device: str, ratio: float = 0.05, reps: int = 3) -> dict:
-    """Return radix-select vs cat+kthvalue times on importance shaped like the model's block matrices."""
+    """Return radix-select vs cat+kthvalue times on importance shaped like the model's block matrices.
+
+    Both run on `device` (on CUDA, kthvalue falls back to the CPU copy if the device refuses it, e.g. out
+    of memory; `kthvalue_device` says where it ran)."""
     model = _model(shape, "meta", torch.float32)
     cfg = EPIConfig()
     names = [n for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2]
     shapes = [dict(model.named_parameters())[n].shape for n in names]
-    g = torch.Generator().manual_seed(0)
-    imp = [torch.rand(s, generator=g).to(device) ** 4 for s in shapes]
+    cuda = device.startswith("cuda")
+    g = torch.Generator(device=device if cuda else "cpu").manual_seed(0)
+    # on CUDA drawn there: a 1.5B shape's billion CPU draws would take longer than the measurement
+    imp = [torch.rand(s, generator=g, device=device if cuda else "cpu").to(device) ** 4 for s in shapes]
     numels = [t.numel() for t in imp]
     k = int(round(ratio * sum(numels)))
     scales = layer_scales(imp, cfg.normalize, numels)
     tr, tk = [], []
+    kth_device = device
     for _ in range(reps):
         t0 = time.perf_counter()
         thr = radix_threshold(imp, k, scales=scales)
@@ -143,17 +189,29 @@ def refresh_ratio(shape: str, *, device: str, ratio: float = 0.05, reps: int = 3
         tr.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         flat = torch.cat([(t / s).reshape(-1) for t, s in zip(imp, scales)])
-        ref = torch.kthvalue(flat.cpu() if device != "cpu" else flat, flat.numel() - k + 1).values
+        try:
+            ref = torch.kthvalue(flat if kth_device == device else flat.cpu(), flat.numel() - k + 1).values
+        except RuntimeError:
+            if not cuda:
+                raise
+            kth_device = "cpu"
+            ref = torch.kthvalue(flat.cpu(), flat.numel() - k + 1).values
         _sync(device)
         tk.append(time.perf_counter() - t0)
         del flat
-    return {"values": sum(numels), "radix_s": min(tr), "kthvalue_s": min(tk), "ratio": min(tr) / min(tk),
-            "exact": float(thr) == float(ref)}
+    out = {"values": sum(numels), "radix_s": min(tr), "kthvalue_s": min(tk), "ratio": min(tr) / min(tk),
+           "exact": float(thr) == float(ref)}
+    if cuda:
+        out["kthvalue_device"] = kth_device
+    del imp
+    _release(device)
+    return out
 
 
-def bytes_per_param(shape: str, config: EPIConfig) -> dict:
-    """Return the engine's persistent bytes per isolatable parameter after one refresh."""
-    model = _model(shape, "cpu", torch.float32)
+def bytes_per_param(shape: str, config: EPIConfig, device: str = "cpu") -> dict:
+    """Return the engine's persistent bytes per isolatable parameter after one refresh (fp32 weights;
+    the same numbers on every device, `device` only sets where the work runs)."""
+    model = _model(shape, device, torch.float32)
     iso = EvolvingIsolation(model, config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     iso.attach(opt)
@@ -166,25 +224,54 @@ def bytes_per_param(shape: str, config: EPIConfig) -> dict:
     n = mem["params"]
     out = {"importance": mem["importance"] / n, "masks": mem["masks"] / n, "diagnostics": mem["diagnostics"] / n}
     out["engine"] = out["importance"] + out["masks"]
+    iso.detach()
+    del model, iso, opt
+    _release(device)
     return out
+
+
+def configs() -> Dict[str, EPIConfig]:
+    """Return the two engine settings measured: "default" (fp32 importance, bool masks) and "lean"."""
+    return {"default": EPIConfig(ratio=0.05, refresh_every=50, warmup_steps=1),
+            "lean": EPIConfig(ratio=0.05, refresh_every=50, warmup_steps=1, importance_dtype="bfloat16",
+                              mask_format="index")}
+
+
+def measure(shape: str, *, reps: int = 5, device: str = "cpu", batch: int = 4, seq: int = 128) -> dict:
+    """Return every measurement of one shape: params, step / lean_step (`step_ratio`), refresh
+    (`refresh_ratio`), bytes / lean_bytes (`bytes_per_param`); bf16 weights on CUDA, fp32 elsewhere."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    cfg = configs()
+    out = {"shape": shape, "device": device, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "seq": seq,
+           "reps": reps, "params": sum(p.numel() for p in _model(shape, "meta", torch.float32).parameters())}
+    out["step"] = step_ratio(shape, batch=batch, seq=seq, reps=reps, device=device, dtype=dtype, config=cfg["default"])
+    out["lean_step"] = step_ratio(shape, batch=batch, seq=seq, reps=reps, device=device, dtype=dtype, config=cfg["lean"])
+    out["refresh"] = refresh_ratio(shape, device=device)
+    out["bytes"] = bytes_per_param(shape, cfg["default"], device)
+    out["lean_bytes"] = bytes_per_param(shape, cfg["lean"], device)
+    return out
+
+
+def table(results: List[dict]) -> str:
+    """Return the markdown table of `measure` results (a peak-memory column when measured on CUDA)."""
+    peak = any("epi_peak_gib" in r["step"] for r in results)
+    rows = ["| shape | params | plain step (s) | EPI step (s) | step ratio | lean step ratio | refresh radix (s) "
+            "| cat+kthvalue (s) | refresh ratio | exact | B/param default (+diag) | B/param lean (+diag) |"
+            + (" peak GiB plain / EPI / lean |" if peak else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
+    for m in results:
+        s, s_lean, r, b, bl = m["step"], m["lean_step"], m["refresh"], m["bytes"], m["lean_bytes"]
+        row = (f"| {m['shape']} | {m['params'] / 1e6:.1f}M | {s['plain_s']:.3f} | {s['epi_s']:.3f} | {s['ratio']:.3f} "
+               f"| {s_lean['ratio']:.3f} | {r['radix_s']:.3f} | {r['kthvalue_s']:.3f} | {r['ratio']:.2f} "
+               f"| {r['exact']} | {b['engine']:.2f} (+{b['diagnostics']:.2f}) "
+               f"| {bl['engine']:.2f} (+{bl['diagnostics']:.2f}) |")
+        if peak:
+            row += (f" {s.get('plain_peak_gib', float('nan')):.2f} / {s.get('epi_peak_gib', float('nan')):.2f} "
+                    f"/ {s_lean.get('epi_peak_gib', float('nan')):.2f} |")
+        rows.append(row)
+    return "\n".join(rows)
 
 
 def run(shapes: List[str], reps: int = 5, device: str = "cpu", batch: int = 4, seq: int = 128) -> str:
     """Run every measurement and return a markdown table (also printed by the CLI)."""
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    default = EPIConfig(ratio=0.05, refresh_every=50, warmup_steps=1)
-    lean = EPIConfig(ratio=0.05, refresh_every=50, warmup_steps=1, importance_dtype="bfloat16", mask_format="index")
-    rows = ["| shape | params | plain step (s) | EPI step (s) | step ratio | lean step ratio | refresh radix (s) "
-            "| cat+kthvalue (s) | refresh ratio | exact | B/param default (+diag) | B/param lean (+diag) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for shape in shapes:
-        s = step_ratio(shape, batch=batch, seq=seq, reps=reps, device=device, dtype=dtype, config=default)
-        s_lean = step_ratio(shape, batch=batch, seq=seq, reps=reps, device=device, dtype=dtype, config=lean)
-        r = refresh_ratio(shape, device=device)
-        b, bl = bytes_per_param(shape, default), bytes_per_param(shape, lean)
-        n = sum(p.numel() for p in _model(shape, "meta", torch.float32).parameters())
-        rows.append(f"| {shape} | {n / 1e6:.1f}M | {s['plain_s']:.3f} | {s['epi_s']:.3f} | {s['ratio']:.3f} "
-                    f"| {s_lean['ratio']:.3f} | {r['radix_s']:.3f} | {r['kthvalue_s']:.3f} | {r['ratio']:.2f} "
-                    f"| {r['exact']} | {b['engine']:.2f} (+{b['diagnostics']:.2f}) "
-                    f"| {bl['engine']:.2f} (+{bl['diagnostics']:.2f}) |")
-    return "\n".join(rows)
+    return table([measure(shape, reps=reps, device=device, batch=batch, seq=seq) for shape in shapes])
