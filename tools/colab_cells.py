@@ -1,0 +1,61 @@
+"""Write every notebook's Colab badge (first line of the card) and install cell (first code cell) from
+`epi.colab`, the one place that holds the repository URL and the cell text.
+
+  python tools/colab_cells.py notebooks/*.ipynb          # in place
+  python tools/colab_cells.py --check notebooks/*.ipynb  # exit 1 if any notebook would change
+
+Only those two cells change; everything else in the file is left as it is.
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from epi.colab import INSTALL_CELL, badge  # noqa: E402
+
+BADGE = re.compile(r"^\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)\n?")
+
+
+def lines(text: str) -> list[str]:
+    """Return a cell source as the list of lines the .ipynb files hold (each but the last ends in a newline)."""
+    return text.splitlines(keepends=True)
+
+
+def apply(nb: dict, name: str) -> dict:
+    """Return `nb` with the badge of notebooks/<name> atop its card and the shared install cell first among code."""
+    card = nb["cells"][0]
+    text = "".join(card["source"])
+    if card["cell_type"] != "markdown":
+        raise ValueError(f"{name}: the first cell must be the markdown card that carries the Colab badge")
+    text = BADGE.sub("", text, count=1).lstrip("\n")
+    card["source"] = lines(f"{badge(name)}\n\n{text}")
+    install = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    if "google.colab" not in "".join(install["source"]):
+        raise ValueError(f"{name}: the first code cell must be the Colab install cell (it would be overwritten)")
+    install["source"] = lines(INSTALL_CELL)
+    return nb
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args()
+    stale = []
+    for path in map(Path, args.paths):
+        text = path.read_text()
+        new = json.dumps(apply(json.loads(text), path.name), indent=1, ensure_ascii=False) + "\n"
+        if new != text:
+            stale.append(str(path))
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print("badge or install cell differ from epi/colab.py (run python tools/colab_cells.py):", *stale, sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
