@@ -1,6 +1,6 @@
 """EPIConfig: every knob of the isolation engine, validated at construction time.
 
-The papers leave most of these open (PAPERS.md §1.3): the score, β, the ratio p, the refresh interval T,
+The papers leave most of these open (docs/BACKGROUND.md, EPI): the score, β, the ratio p, the refresh interval T,
 the warm-up, the per-layer normaliser and global vs per-task masks. They are all options here so that
 notebooks and ablations can measure them instead of guessing.
 """

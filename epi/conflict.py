@@ -1,4 +1,4 @@
-"""Gradient-conflict diagnostics between tasks (ENGINE_NOTES §6): cosines, conflict rate, GMS, per-task score.
+"""Gradient-conflict diagnostics between tasks: cosines, conflict rate, GMS, per-task score (formulas per function).
 
 Gradients are lists of tensors aligned with a model's trainable parameters, one list per task, as returned by
 :func:`task_gradients`. Dot products are taken tensor by tensor over the aligned lists, never by concatenating

@@ -4,7 +4,7 @@
   → groups = connected components of {S ≥ τ} (τ = 0.1) → core transplant + SLERP of non-core weights
   → staged training with earlier groups' cores frozen (done by the runner with the isolation engine).
 
-What the sources leave open and what this module chose (PAPERS.md §2.2):
+What the sources leave open and what this module chose (docs/BACKGROUND.md, CPI-FT):
 - the fusion base θ_base is the run's start checkpoint (the paper's "final fine-tuning stage" is ambiguous);
 - overlapping cores: the task whose |Δθ| is larger at that coordinate wins the transplant;
 - several tasks' non-core weights: θ = SLERP(θ_base, θ̄, ω) where θ̄ is the running spherical average of

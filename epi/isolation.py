@@ -1,7 +1,7 @@
 """Isolator: exact isolation around optimizer.step() — protected coordinates move exactly 0.0.
 
 Zeroing a gradient does not freeze a weight under AdamW: the old momentum and the decoupled weight decay
-still move it. Two exact recipes (ENGINE_NOTES §2.2):
+still move it. Two exact recipes (docs/EXACTNESS.md):
 
 * "grad" mode (torch Adam/AdamW): gradients of protected coordinates are zero, `exp_avg` is zeroed when a
   coordinate becomes protected (then m stays 0, so the Adam update is exactly 0), and weight decay is

@@ -1,6 +1,6 @@
 """Evaluation metrics for multi-task and sequential SFT: pure functions of arrays.
 
-Conventions used throughout (formulas follow ENGINE_NOTES §6, re-indexed from 0):
+Conventions used throughout (each function states its formula, indexed from 0):
 
 - ``R`` is a T×T score matrix with ``R[j, i]`` = score on task i after training stage j, both 0-based and in
   training order. The base model (before stage 0) is *not* a row of ``R``; its scores are a separate vector

@@ -232,7 +232,7 @@ def _inst(prompt: str, answer: str) -> dict:
 # -------------------------------------------------------------------------------------------- chat
 # kind -> (statement, question, reply, values). Values never repeat across kinds and, within a kind,
 # start with distinct letters: recalling a fact then means finding its first character, and the rest
-# of the word is memorised (a full copy circuit is too slow to learn at this scale, CPU_STUDY.md).
+# of the word is memorised (a full copy circuit is too slow to learn at this scale, docs/CPU_FINDINGS.md Q1).
 _FACTS = {
     "city": ("I live in {v}.", "Where do I live?", "You live in {v}.",
              ("Oslo", "Rome", "Lima", "Kyiv", "Bern", "Cairo", "Paris", "Tokyo", "Delhi", "Minsk")),
