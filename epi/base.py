@@ -1,5 +1,5 @@
 """`tiny-base`: the tiny model pre-trained on a general mix of the five abilities — the CPU stand-in for the
-paper's pretrained LLM (sequential SFT from a random init forgets everything; CPU_STUDY.md Q2).
+paper's pretrained LLM (sequential SFT from a random init forgets everything; docs/CPU_FINDINGS.md, Q2).
 
   python -m epi base --profile cpu --seed S     # about a minute on 2 cores; cached per seed
 

@@ -3,7 +3,7 @@
 A run = (profile, protocol, method, seed) plus overrides. Unknown keys and bad values fail here, before
 any training, with a message that names the field.
 
-Protocols (CPU_STUDY.md: sequential training from a random init is degenerate, so every protocol starts
+Protocols (docs/CPU_FINDINGS.md: sequential training from a random init is degenerate, so every protocol starts
 from the profile's base model — `tiny-base` on CPU, a pretrained LLM elsewhere):
   mix        — multi-task SFT on `tasks`; the method decides the staging (full_sft: one mixed stage);
   forgetting — SFT on `train_tasks` only; the other `tasks` measure what the base model forgets;
