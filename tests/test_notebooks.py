@@ -1,5 +1,6 @@
 """Notebook metadata lint: card, Colab badge and install cell, one typed parameters cell, params files,
-endings, kernel, GPU setting, clean outputs. (Execution is nbval's job: `make test` runs them.)"""
+endings, kernel, GPU setting, clean outputs. (Execution is nbval's job: `make test` runs them; the Colab
+branch of the install cell runs in tests/test_colab.py.)"""
 import json
 import re
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from epi.colab import INSTALL_CELL, REPOSITORY_URL, badge, colab_url
 from helpers import ROOT
 
 NB_DIR = ROOT / "notebooks"
@@ -43,13 +45,8 @@ def test_notebook_metadata_and_structure(path):
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
     assert len(parameters_cell(nb)) == 1, "exactly one cell tagged 'parameters'"
     card = source(nb["cells"][0])
-    badge = re.search(r"https://colab\.research\.google\.com/github/[^/]+/[^/]+/blob/[^/]+/(notebooks/[\w.]+\.ipynb)", card)
-    assert badge and badge.group(1) == f"notebooks/{path.name}", "the Colab badge must point at this notebook"
     for heading in ("Learning goals", "Prerequisites", "Runtime"):
         assert heading in card, heading
-    install = next(c for c in nb["cells"] if "google.colab" in source(c))
-    assert '"google.colab" in sys.modules' in source(install)
-    assert not re.search(r"pip install[^\n]*\btorch\b", source(install)), "never reinstall torch on Colab"
     headings = [source(c) for c in nb["cells"] if c["cell_type"] == "markdown"]
     tail = "\n".join(headings[-4:])
     for heading in ("## Summary", "## Check your understanding", "## Results log"):
@@ -60,6 +57,53 @@ def test_notebook_metadata_and_structure(path):
     for line in source(parameters_cell(nb)[0]).strip().splitlines():
         assert re.match(r"^[A-Z_][A-Z0-9_]*\s*:\s*(int|float|str|bool)\s*=\s*[^#]+#", line), \
             f"parameters must be typed primitives with a comment: {line!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_card_opens_with_this_notebooks_colab_badge(path):
+    card = source(load(path)["cells"][0])
+    assert card.startswith(badge(path.name) + "\n"), \
+        f"{path.name}: the card's first line must be epi.colab.badge({path.name!r}) (python tools/colab_cells.py)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_first_code_cell_is_the_shared_install_cell(path):
+    first = next(c for c in load(path)["cells"] if c["cell_type"] == "code")
+    assert source(first) == INSTALL_CELL, f"{path.name}: run python tools/colab_cells.py"
+
+
+def test_install_cell_guards_on_colab_and_never_reinstalls_torch():
+    assert '"google.colab" in sys.modules' in INSTALL_CELL
+    assert f'"{REPOSITORY_URL}"' in INSTALL_CELL
+    pip = [line for line in INSTALL_CELL.splitlines() if '"pip", "install"' in line]
+    assert len(pip) == 1 and "torch" not in pip[0] and "-U" not in pip[0] and "--upgrade" not in pip[0]
+    assert "os.chdir" not in INSTALL_CELL, "a working folder inside the clone would shadow the epi package"
+    assert re.search(r'"/content"\), "(?!epi")[\w-]+"\)', INSTALL_CELL), "the clone folder must not be named epi"
+
+
+def test_readme_and_docs_link_the_repository_setting():
+    """README and docs may only link Colab copies of existing notebooks of epi.colab.REPOSITORY (and clone it)."""
+    names = {p.name for p in NOTEBOOKS}
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for url in re.findall(r"https://colab\.research\.google\.com/github/[^\s)\"'>]+", text):
+            assert any(url == colab_url(name) for name in names), f"{doc.name}: {url} is not epi.colab.colab_url(...)"
+        for url in re.findall(r"git clone (?:-\S+ )*(\S+)", text):
+            assert url.strip("\"',") == REPOSITORY_URL, f"{doc.name}: clones {url}, not {REPOSITORY_URL}"
+
+
+def test_colab_cells_tool_rewrites_a_stale_badge_and_install_cell(tmp_path):
+    """tools/colab_cells.py --check catches a notebook that drifted from epi.colab; a write brings it back."""
+    nb = load(NOTEBOOKS[0])
+    nb["cells"][0]["source"][0] = nb["cells"][0]["source"][0].replace("epi-suite/epi", "someone/else")
+    next(c for c in nb["cells"] if c["cell_type"] == "code")["source"].append("\nos.chdir('/content/epi')")
+    stale = tmp_path / NOTEBOOKS[0].name
+    stale.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    tool = [sys.executable, str(ROOT / "tools" / "colab_cells.py")]
+    assert subprocess.run([*tool, "--check", str(stale)], capture_output=True).returncode == 1
+    subprocess.run([*tool, str(stale)], check=True)
+    assert subprocess.run([*tool, "--check", str(stale)], capture_output=True).returncode == 0
+    assert stale.read_text() == NOTEBOOKS[0].read_text()
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
