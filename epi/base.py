@@ -5,6 +5,9 @@ paper's pretrained LLM (sequential SFT from a random init forgets everything; do
 
 While pre-training, the base phase tracks the importance (EMA of g²) globally and per task without
 isolating anything, so SFT runs can start EPI and EWC from what the base model found important.
+
+The build runs on the config's device in fp32 whatever the run's precision (the cache key holds neither:
+a base is the start model, shared by every run of a seed, and fp32 on a GPU is quick at this size).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ def base_dir(cfg, cache_dir: Optional[str] = None) -> Path:
 def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> Path:
     """Pre-train the tiny model on a balanced mix of all abilities and cache it; return its folder."""
     from .data import StepData, balanced_schedule, eval_records, make_batchers
+    from .device import describe, resolve_device
     from .models import load_model, save_model
     from .tasks import ABILITIES, evaluate
     from .train import TrainConfig, make_optimizer, seed_everything, train_steps
@@ -53,6 +57,8 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     model, tok = load_model("tiny", seed=cfg.seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
     tasks = list(ABILITIES)
     batchers = make_batchers(tok, tasks, n=cfg.train_records, seed=cfg.seed, batch_size=cfg.base_batch_size,
                              max_length=cfg.max_length, difficulty=cfg.difficulty)
@@ -79,13 +85,13 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
     final, out = out, out.with_name(out.name + f".tmp{os.getpid()}")
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, tok, out)
-    importance = {"global": {n: b for n, b in zip(names, glob.buffers["global"])},
-                  **{t: {n: b for n, b in zip(names, bufs)} for t, bufs in per.buffers.items()}}
+    importance = {"global": {n: b.cpu() for n, b in zip(names, glob.buffers["global"])},
+                  **{t: {n: b.cpu() for n, b in zip(names, bufs)} for t, bufs in per.buffers.items()}}
     torch.save(importance, out / "importance.pt")
     meta = {"command": f"python -m epi base --profile {cfg.profile} --seed {cfg.seed}", "seed": cfg.seed,
             "steps": cfg.base_steps, "lr": cfg.base_lr, "tasks": tasks, "scores": scores,
             "final_loss": sum(state.losses[-50:]) / len(state.losses[-50:]), "wall_s": round(time.time() - t0, 1),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "device": describe(device)}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     if (final / "meta.json").exists():
         shutil.rmtree(out)

@@ -61,7 +61,8 @@ class ExperimentConfig:
     base_batch_size: int = 32
     general_eval: bool = False              # measure general ability (epi.general) before and after each stage
     freeze_embeddings: bool = False         # input embeddings (and a tied LM head) never train: faster CPU steps
-    bf16_autocast: bool = False             # training forward/backward under torch.autocast(bfloat16); evals fp32
+    device: str = "auto"                    # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N (epi.device)
+    precision: str = "auto"                 # auto | fp32 | bf16 | fp16: autocast of train-mode forwards; evals fp32
     monitor: bool = False                   # non-isolating methods: track importance and masks anyway (drift)
     snapshots: bool = False                 # save every refresh's masks + an importance sample (snapshots.npz)
     threads: int = 1
@@ -97,6 +98,10 @@ class ExperimentConfig:
             raise ValueError(f"random_ratio must be in (0, 1) or None, got {self.random_ratio!r}")
         if self.lr <= 0 or self.base_lr <= 0:
             raise ValueError(f"lr and base_lr must be > 0, got {self.lr!r}, {self.base_lr!r}")
+        from .device import PRECISIONS, check_device
+        check_device(self.device)  # cuda without CUDA fails here, before anything is built
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,7 +126,7 @@ PROFILES: Dict[str, dict] = {
     "real_cpu": dict(model="smollm2-135m", tasks=["math", "code"], steps_per_task=24, batch_size=4, lr=1e-4,
                      max_length=128, eval_records=32, eval_every=0, probe_steps=8, refresh_every=8,
                      warmup_steps=4, checkpoint_every=24, protocol="sequential", general_eval=True,
-                     freeze_embeddings=True, bf16_autocast=True, threads=1),
+                     freeze_embeddings=True, precision="bf16", threads=1),
     "gpu": dict(model="Qwen/Qwen2.5-0.5B-Instruct", data_source="hub", tasks=["gsm8k", "codealpaca", "logiqa",
                 "alpaca", "ultrachat"], steps_per_task=300, batch_size=16, lr=1e-5, max_length=512,
                 train_records=2000, eval_records=200, eval_every=0, probe_steps=50, threads=8),
@@ -136,6 +141,11 @@ def resolve(profile: str = "cpu", **overrides) -> ExperimentConfig:
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     known = {f.name for f in fields(ExperimentConfig)}
+    if overrides.get("bf16_autocast") is not None:  # the setting `precision` replaced (records keep the old name)
+        if overrides.get("precision") not in (None, "bf16") and overrides["bf16_autocast"]:
+            raise ValueError(f"bf16_autocast=True contradicts precision={overrides['precision']!r}; "
+                             "use precision alone")
+        overrides["precision"] = "bf16" if overrides.pop("bf16_autocast") else overrides.get("precision") or "auto"
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown experiment setting(s) {unknown}; known: {sorted(known)}")

@@ -153,8 +153,11 @@ class GeneralProbe:
             cache_dir = cache_root() / "general"
         # the start model's pass is the costly part: reuse it when the very same weights come back
         self.fingerprint = fingerprint(model)
-        key = hashlib.sha1(repr((self.fingerprint, top_k, [(s, ids, n) for s, ids, n in self.examples]))
-                           .encode()).hexdigest()[:20]
+        where = (self.fingerprint, top_k, [(s, ids, n) for s, ids, n in self.examples])
+        device = next(model.parameters()).device
+        if device.type != "cpu":  # GPU kernels round differently; CPU keys stay as they were
+            where += (device.type,)
+        key = hashlib.sha1(repr(where).encode()).hexdigest()[:20]
         path = Path(cache_dir) / f"{key}.pt" if cache_dir is not None else None
         if path is not None and path.is_file():
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -169,7 +172,8 @@ class GeneralProbe:
                 rest = torch.log1p(-torch.logsumexp(top.double(), -1).exp().clamp(max=1.0))
                 if k == logp.shape[-1]:  # the whole vocabulary is kept: no "other" bucket, the KL is exact
                     rest = torch.full_like(rest, -math.inf)
-                self.base.append((idx.to(torch.int32), top.float(), rest))
+                # kept on the CPU (as a cached pass comes back); measure() moves each batch to the model
+                self.base.append((idx.to(torch.int32).cpu(), top.float().cpu(), rest.cpu()))
             self.start = self.measure(model, reuse_start=False)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +233,7 @@ class GeneralProbe:
         for batch, (idx, top, rest) in zip(self.batches, self.base):
             logp, targets = self._logp(model, batch)
             nll = -logp.gather(1, targets[:, None]).squeeze(1).double()
-            kl = _coarse_kl(idx, top, rest, logp)
+            kl = _coarse_kl(idx.to(logp.device), top.to(logp.device), rest.to(logp.device), logp)
             style = batch[0][0]
             for key in (style, "all"):
                 acc = sums.setdefault(key, [0.0, 0.0, 0])

@@ -143,7 +143,7 @@ class Static(Method):
         masks = [torch.zeros_like(p, dtype=torch.bool) for p in run.engine.params]
         for t in frozen:
             for m, c in zip(masks, self.cores[t]):
-                m |= c
+                m |= c.to(m.device)  # cores restored from a checkpoint come back on the CPU
         run.engine.set_masks(masks)
 
     def state_dict(self):
@@ -200,6 +200,7 @@ class EWCPlugin(Plugin):
 
     @torch.no_grad()
     def consolidate(self, fisher: List[torch.Tensor], decay: float = 1.0) -> None:
+        fisher = [f.to(p.device) for f, p in zip(fisher, self.params)]  # the base's Fisher is loaded on the CPU
         mean = sum(float(f.sum()) for f in fisher) / max(1, sum(f.numel() for f in fisher))
         new = [f.float() / mean if mean > 0 else torch.zeros_like(f, dtype=torch.float32) for f in fisher]
         self.omega = new if self.omega is None else [decay * o + n for o, n in zip(self.omega, new)]
@@ -233,7 +234,9 @@ class EWC(Method):
         self.plugin = EWCPlugin(params, run.config.ewc_lambda)
         self.tracker = ImportanceTracker(params, EPIConfig(score="fisher", beta=run.config.beta))
         if self._restored is not None:  # resuming: Ω, anchor and the stage's Fisher from the checkpoint
-            self.plugin.omega, self.plugin.anchor = self._restored["omega"], self._restored["anchor"]
+            self.plugin.omega, self.plugin.anchor = (
+                None if self._restored[k] is None else [t.to(p.device) for t, p in zip(self._restored[k], params)]
+                for k in ("omega", "anchor"))
             self.tracker.load_state_dict(self._restored["tracker"])
         else:
             base = run.base_importance("global").get("global")

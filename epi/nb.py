@@ -5,9 +5,12 @@ import inspect
 import os
 import platform
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 FLOORS = {"torch": "2.1", "transformers": "4.45"}
+# What notebooks 01-06 serve: synthetic EPI-Mini data and tiny-base. A notebook for the hub-scale
+# profiles (07) says so: setup_notebook(..., gpu_profile="gpu", serves=("smoke", "cpu", "gpu", "full")).
+CPU_SCALE = ("smoke", "cpu")
 
 
 def quiet() -> bool:
@@ -16,14 +19,31 @@ def quiet() -> bool:
         "PAPERMILL_INPUT_PATH" in os.environ
 
 
-def resolve_profile(profile: str) -> str:
-    """Return the concrete profile: "auto" → smoke under CI/EPI_SMOKE, gpu with CUDA, else cpu."""
-    if profile != "auto":
-        return profile
-    import torch
-    if os.environ.get("EPI_SMOKE") or os.environ.get("CI"):
-        return "smoke"
-    return "gpu" if torch.cuda.is_available() else "cpu"
+def resolve_profile(profile: str = "auto", *, gpu_profile: str = "cpu", serves: Sequence[str] = CPU_SCALE) -> str:
+    """Return the concrete profile: "auto" → smoke under CI/EPI_SMOKE, `gpu_profile` when CUDA is present
+    (default cpu: the CPU-scale lesson, run on the GPU by the runner's device="auto"), else cpu.
+
+    `serves` lists the profiles the notebook can run; asking for another one (directly or through "auto")
+    is a ValueError naming them, raised before anything is trained.
+    """
+    from .experiment import PROFILES
+    unknown = [p for p in (*serves, gpu_profile) if p not in PROFILES]
+    if unknown:
+        raise ValueError(f"unknown profile(s) {unknown} in serves/gpu_profile; known: {sorted(PROFILES)}")
+    resolved = profile
+    if profile == "auto":
+        import torch
+        if os.environ.get("EPI_SMOKE") or os.environ.get("CI"):
+            resolved = "smoke"
+        else:
+            resolved = gpu_profile if torch.cuda.is_available() else "cpu"
+    elif profile not in PROFILES:
+        raise ValueError(f"PROFILE must be 'auto' or one of {sorted(PROFILES)}, got {profile!r}")
+    if resolved not in serves:
+        asked = f"PROFILE={profile!r}" + (f" (resolved to {resolved!r})" if resolved != profile else "")
+        raise ValueError(f"this notebook serves the profiles {tuple(serves)}, not {asked}; set PROFILE to "
+                         f"'auto' or one of {tuple(serves)}")
+    return resolved
 
 
 def repo_root() -> Path:
@@ -33,10 +53,15 @@ def repo_root() -> Path:
 
 
 def setup_notebook(seed: int = 0, out: str | Path = "artifacts", profile: str = "auto",
-                   threads: Optional[int] = None) -> dict:
+                   threads: Optional[int] = None, *, gpu_profile: str = "cpu",
+                   serves: Sequence[str] = CPU_SCALE) -> dict:
     """Seed everything, apply the plot style, quieten progress bars under CI, create the output folder `out`
     ("{profile}" in it is replaced by the resolved profile; relative to the repo root); return a report dict
-    (profile, seed, versions, device, out)."""
+    (profile, seed, versions, the device and precision runs resolve "auto" to, out).
+
+    The profile is resolved by `resolve_profile(profile, gpu_profile=..., serves=...)`: by default a GPU
+    runtime runs the CPU-scale lesson on the GPU, and profiles outside `serves` are refused."""
+    profile = resolve_profile(profile, gpu_profile=gpu_profile, serves=serves)  # refuse before any work
     if quiet():
         for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
             os.environ.setdefault(var, "1")
@@ -51,14 +76,15 @@ def setup_notebook(seed: int = 0, out: str | Path = "artifacts", profile: str = 
         torch.set_num_threads(threads)
     seed_everything(seed)
     set_style()
-    profile = resolve_profile(profile)
     # "{profile}" in the folder keeps each tier's outputs apart (CI's smoke runs never overwrite a cpu reproduction)
     out = Path(str(out).replace("{profile}", profile))
     if not out.is_absolute():
         out = repo_root() / out
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
-    return {"profile": profile, "seed": seed, "out": out, "device": device,
+    from .device import describe, resolve_device, resolve_precision
+    device = resolve_device("auto")
+    return {"profile": profile, "seed": seed, "out": out, "device": describe(device),
+            "precision": resolve_precision("auto", device),
             "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version()}
 

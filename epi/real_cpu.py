@@ -275,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = configs[0]
     settings = {k: getattr(cfg, k) for k in ("steps_per_task", "batch_size", "lr", "max_length", "eval_records",
                                              "ratio", "refresh_every", "warmup_steps", "probe_steps",
-                                             "freeze_embeddings", "bf16_autocast", "threads")}
+                                             "freeze_embeddings", "precision", "threads")}
     settings["workers"] = args.workers
     write_results(df, base, results, command, wall, settings=settings)
     print(table2_frame(df).round(3).to_string())

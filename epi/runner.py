@@ -46,8 +46,11 @@ class Run:
     """One experiment in progress: model, data, optimizer, engine, method, evaluations."""
 
     def __init__(self, config: ExperimentConfig, out: Path, say: Callable[[str], None] = log.info):
+        from .device import resolve_device, resolve_precision
         from .methods import make_method
         self.config, self.out, self.say = config, Path(out), say
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
         self.method = make_method(config.method, config.protocol)
         self.engine: Optional[EvolvingIsolation] = None
         self._base_folder: Optional[Path] = None
@@ -60,7 +63,10 @@ class Run:
             from .base import ensure_base
             self._base_folder = ensure_base(cfg)
             return load_model(str(self._base_folder))
-        return load_model(cfg.model, seed=cfg.seed)
+        if cfg.model.lower() in ("tiny", "smollm2-135m", "smollm2"):
+            return load_model(cfg.model, seed=cfg.seed)
+        # hub checkpoints may be stored in bf16: train fp32 weights (autocast supplies the low precision)
+        return load_model(cfg.model, seed=cfg.seed, dtype=torch.float32)
 
     def base_importance(self, scope: str) -> Dict[str, Dict[str, torch.Tensor]]:
         """Return the base phase's tracked importance for `scope` ({} when the start model has none)."""
@@ -102,6 +108,7 @@ class Run:
         """Return ({task: [Δθ]}, {task: [θ_probe]}): short single-task fine-tunes from the start weights
         (CPI-FT Stage 1), on the isolatable tensors, each with a fresh optimizer."""
         from .data import StepData
+        from .device import make_scaler
         from .train import TrainConfig, make_optimizer, train_steps
         cfg = self.config
         start = self.start_isolatable()
@@ -110,42 +117,27 @@ class Run:
             model = copy.deepcopy(self.model)
             opt = make_optimizer(model, TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
             train_steps(model, opt, StepData(self.batchers, [t] * steps), steps=steps, clip=cfg.clip,
-                        desc=f"probe {t}")
+                        desc=f"probe {t}", scaler=make_scaler(self.precision, self.device))
             params = [p for _, p in isolatable(model, EPIConfig())]
             probes[t] = [p.detach().clone() for p in params]
             deltas[t] = [p - s for p, s in zip(probes[t], start)]
         return deltas, probes
-
-    def autocast_training_forward(self) -> None:
-        """Run the model's train-mode forwards under bf16 autocast (hooks, kept by deepcopy). Backward runs
-        in the forward's dtypes; clipping, the optimizer step and eval-mode forwards stay fp32 (measured:
-        one autocast context around the whole loop kept SmolLM2 from learning at all)."""
-        device, active = next(self.model.parameters()).device.type, []
-
-        def enter(module, args):
-            if module.training:
-                active.append(torch.autocast(device, dtype=torch.bfloat16))
-                active[-1].__enter__()
-
-        def leave(module, args, output):
-            if module.training and active:
-                active.pop().__exit__(None, None, None)
-        self.model.register_forward_pre_hook(enter)
-        self.model.register_forward_hook(leave)
 
     def evaluate(self) -> Dict[str, dict]:
         from .tasks import evaluate
         return evaluate(self.model, self.tokenizer, self.eval_sets)
 
     def evaluate_start(self) -> Dict[str, dict]:
-        """Return the start model's scores, cached on disk by (weights, eval sets, threads): every run of a grid
-        that starts from the same model would otherwise repeat the same greedy evaluation."""
+        """Return the start model's scores, cached on disk by (weights, eval sets, threads, device): every run
+        of a grid that starts from the same model would otherwise repeat the same greedy evaluation."""
         import hashlib
 
         from .general import fingerprint
         from .models import cache_root
-        key = hashlib.sha1(json.dumps([fingerprint(self.model), torch.get_num_threads(), self.eval_sets],
-                                      sort_keys=True, default=str).encode()).hexdigest()[:20]
+        where = [fingerprint(self.model), torch.get_num_threads(), self.eval_sets]
+        if self.device.type != "cpu":  # GPU kernels round differently; CPU keys stay as they were
+            where.append(self.device.type)
+        key = hashlib.sha1(json.dumps(where, sort_keys=True, default=str).encode()).hexdigest()[:20]
         path = cache_root() / "start_scores" / f"{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
@@ -159,6 +151,7 @@ class Run:
     # ---- the run -----------------------------------------------------------------------------------
     def execute(self) -> dict:
         from .data import StepData, balanced_schedule, eval_records, make_batchers, with_replay
+        from .device import autocast_training_forward, make_scaler
         from .train import (LoopState, TrainConfig, load_checkpoint, make_optimizer, save_checkpoint,
                             seed_everything, train_steps)
         cfg = self.config
@@ -166,10 +159,12 @@ class Run:
         torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.model, self.tokenizer = self.load_start()
+        self.model.to(self.device)  # once, before the engine, optimizer and probes see the parameters
         if cfg.freeze_embeddings:  # for every method alike; a tied LM head is the same tensor
             self.model.get_input_embeddings().weight.requires_grad_(False)
-        if cfg.bf16_autocast:
-            self.autocast_training_forward()
+        if self.precision != "fp32":
+            autocast_training_forward(self.model, self.precision)
+        scaler = make_scaler(self.precision, self.device)
         self.iso_params = [p for _, p in isolatable(self.model, EPIConfig())]
         all_tasks = list(dict.fromkeys(cfg.tasks))
         self.eval_sets = {t: eval_records(t, cfg.eval_records, cfg.difficulty, cfg.data_source) for t in all_tasks}
@@ -203,6 +198,7 @@ class Run:
             self.engine.attach(opt)
         if record is None:
             record = {"config": cfg.to_dict(), "seed": cfg.seed, "environment": environment(),
+                      "device": str(self.device), "precision": self.precision,
                       "stages": self.stage_list, "base_scores": self.base_eval, "stage_scores": [],
                       "evals": [], "losses": [], "loss_tasks": [], "protected_fraction": [],
                       "cpift": None, "general": [self.general.measure(self.model)] if self.general else []}
@@ -216,7 +212,8 @@ class Run:
         data = StepData(self.batchers, schedule)
         state = LoopState()
         if ckpt is not None:
-            state, _ = load_checkpoint(ckpt_path, model=self.model, optimizer=opt, engine=self.engine)
+            state, _ = load_checkpoint(ckpt_path, model=self.model, optimizer=opt, engine=self.engine,
+                                       scaler=scaler)
             self.say(f"resumed {cfg.run_name} at step {state.step}/{len(schedule)}")
         plugins = self.method.plugins(self)
         self._snapped, self._snapshots = 0, {}
@@ -242,9 +239,10 @@ class Run:
                 if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < len(schedule):
                     record["losses"], record["loss_tasks"] = st.losses, st.tasks
                     save_checkpoint(ckpt_path, model=self.model, optimizer=opt, state=st, engine=self.engine,
-                                    extra={"method": self.method.state_dict(), "record": record})
+                                    extra={"method": self.method.state_dict(), "record": record}, scaler=scaler)
             state = train_steps(self.model, opt, data, steps=hi, state=state, engine=self.engine, plugins=plugins,
-                                clip=cfg.clip, callback=after, desc=f"stage {k + 1}/{len(self.stage_list)}")
+                                clip=cfg.clip, callback=after, desc=f"stage {k + 1}/{len(self.stage_list)}",
+                                scaler=scaler)
             self.method.stage_end(self, k, self.stage_list[k])
             scores = self.evaluate()
             record["stage_scores"].append(scores)
@@ -255,6 +253,8 @@ class Run:
             self.say(f"stage {k + 1}/{len(self.stage_list)} {'+'.join(self.stage_list[k])}: "
                      + " ".join(f"{t}={s['score']:.2f}" for t, s in scores.items()))
         record["losses"], record["loss_tasks"] = state.losses, state.tasks
+        if scaler is not None:
+            record["skipped_steps"] = state.skipped  # fp16 overflow steps the optimizer and engine skipped
         return self.finish(record, t0)
 
     @torch.no_grad()
@@ -297,7 +297,7 @@ def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable
     results = out / "results.json"
     if results.exists():
         record = json.loads(results.read_text())
-        check_same_settings(record["config"], config)
+        check_same_settings(record["config"], config, record.get("precision"))
         say(f"{config.run_name}: already finished ({results})")
         return record
     out.mkdir(parents=True, exist_ok=True)
@@ -315,14 +315,22 @@ def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable
     return record
 
 
-NOT_SETTINGS = ("threads", "checkpoint_every")  # how a run was executed, not what it computed
+# how a run was executed, not what it computed (the device as threads: its rounding is not a setting)
+NOT_SETTINGS = ("threads", "checkpoint_every", "device")
 
 
-def check_same_settings(stored: dict, config: ExperimentConfig) -> None:
+def check_same_settings(stored: dict, config: ExperimentConfig, stored_precision: Optional[str] = None) -> None:
     """Raise when a finished run in the folder was made with other settings than `config` (a field the
-    stored record lacks predates that field and counts as its default)."""
+    stored record lacks predates that field and counts as its default).
+
+    The precision is compared as resolved: the record's own "precision" (`stored_precision`) against what
+    `config` resolves to here, so "auto" on CPU (fp32) equals a record made before the setting existed,
+    and real_cpu's precision="bf16" equals its old records' bf16_autocast=True."""
+    from .device import record_precision, resolve_device, resolve_precision
     defaults = ExperimentConfig().to_dict()
     current = config.to_dict()
+    stored = {**stored, "precision": record_precision(stored, stored_precision)}
+    current["precision"] = resolve_precision(config.precision, resolve_device(config.device))
     differ = [k for k, v in current.items() if k not in NOT_SETTINGS
               and stored.get(k, defaults.get(k, v)) != (list(v) if isinstance(v, tuple) else v)]
     if differ:
@@ -377,5 +385,6 @@ def run_references(config: ExperimentConfig, out: Path, say) -> dict:
                        "evals": rec["evals"]}
         say(f"reference {t}: {rec['final_scores'][t]:.2f}")
     return {"config": config.to_dict(), "seed": config.seed, "environment": environment(),
-            "references": per_task, "final_scores": {t: v["final_score"] for t, v in per_task.items()},
+            "device": rec["device"], "precision": rec["precision"], "references": per_task,
+            "final_scores": {t: v["final_score"] for t, v in per_task.items()},
             "wall_s": round(time.time() - t0, 1), "peak_memory_mb": round(peak_memory_mb(), 1)}

@@ -6,6 +6,12 @@ the same batches in the same order, and a run resumed at step k continues exactl
 Per step: backward (× grad_accum) → plugin.after_backward (e.g. the EWC penalty gradient) →
 engine.observe(task) (importance + gradient mask, before clipping) → clip → optimizer.step() (the
 engine's hooks keep protected coordinates exact) → zero_grad.
+
+Batches come from the CPU and are placed on the model's device once per step. With a GradScaler (fp16,
+epi.device) the loss is scaled for backward and the gradients are unscaled right after it, so plugins,
+the importance and clipping see true gradients; a step with inf/NaN gradients is skipped by the scaler,
+so the optimizer never runs and the engine (whose hooks sit on optimizer.step) neither counts it nor
+refreshes, and its importance skips the non-finite gradients (check_finite).
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .device import to_device
 
 log = logging.getLogger(__name__)
 
@@ -92,42 +100,56 @@ class LoopState:
     step: int = 0
     losses: List[float] = field(default_factory=list)
     tasks: List[str] = field(default_factory=list)
+    skipped: int = 0  # steps a GradScaler skipped (inf/NaN gradients in fp16)
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_fn: BatchFn, *,
                 steps: int, state: Optional[LoopState] = None, engine=None,
                 plugins: Sequence[Plugin] = (), clip: Optional[float] = 1.0, grad_accum: int = 1,
                 micro_fn: Optional[Callable[[int, int], Tuple[str, Batch]]] = None,
-                callback: Optional[Callable[[LoopState], None]] = None, desc: Optional[str] = None) -> LoopState:
+                callback: Optional[Callable[[LoopState], None]] = None, desc: Optional[str] = None,
+                scaler=None) -> LoopState:
     """Run optimizer steps state.step .. steps-1 and return the loop state (losses per step).
 
     batch_fn(step) gives the (task, batch) of a step; with grad_accum > 1, micro_fn(step, i) gives the
     i-th micro-batch (default: batch_fn's batch split into grad_accum chunks). callback(state) runs after
-    every step (checkpointing, evaluation).
+    every step (checkpointing, evaluation). scaler: a GradScaler for fp16 training (epi.device.make_scaler).
     """
     state = state or LoopState()
     model.train()
+    device = next(model.parameters()).device
+    if scaler is not None:  # fused AdamW would take the inf check over and still run its step hooks: one skip rule
+        optimizer._step_supports_amp_scaling = False
     bar = tqdm(range(state.step, steps), desc=desc, leave=False, disable=progress_disabled())
     for step in bar:
         task, batch = batch_fn(step)
+        batch = to_device(batch, device)
         total = 0.0
         for i in range(grad_accum):
             if grad_accum == 1:
                 micro = batch
             elif micro_fn is not None:
-                micro = micro_fn(step, i)[1]
+                micro = to_device(micro_fn(step, i)[1], device)
             else:
                 micro = {k: v.chunk(grad_accum)[i] for k, v in batch.items()}
             loss = model(**micro).loss / grad_accum
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             total += float(loss.detach())
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # true gradients for plugins, importance and clipping
         for plugin in plugins:
             plugin.after_backward(model, task, step)
         if engine is not None:
             engine.observe(task)
         if clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skips optimizer.step() when the unscaled gradients hold inf/NaN
+            scaler.update()
+            state.skipped += scaler.get_scale() < scale  # update() backs off only after a skipped step
         optimizer.zero_grad(set_to_none=True)
         for plugin in plugins:
             plugin.after_step(model, task, step)
@@ -139,20 +161,25 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_
     return state
 
 
-def save_checkpoint(path: Path, *, model, optimizer, state: LoopState, engine=None, extra: Optional[dict] = None) -> None:
-    """Write model, optimizer, loop, engine and RNG state atomically (tmp file + rename)."""
+def save_checkpoint(path: Path, *, model, optimizer, state: LoopState, engine=None, extra: Optional[dict] = None,
+                    scaler=None) -> None:
+    """Write model, optimizer, loop, engine, GradScaler and RNG state atomically (tmp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": asdict(state),
             "engine": engine.state_dict() if engine is not None else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "extra": extra or {}}
+    if torch.cuda.is_available():
+        blob["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    if scaler is not None:
+        blob["scaler"] = scaler.state_dict()
     tmp = path.with_suffix(".tmp")
     torch.save(blob, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, *, model, optimizer, engine=None) -> Tuple[LoopState, dict]:
+def load_checkpoint(path: Path, *, model, optimizer, engine=None, scaler=None) -> Tuple[LoopState, dict]:
     """Restore what save_checkpoint wrote; return (loop state, extra)."""
     blob = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(blob["model"])
@@ -162,4 +189,8 @@ def load_checkpoint(path: Path, *, model, optimizer, engine=None) -> Tuple[LoopS
     torch.set_rng_state(blob["rng"]["torch"])
     np.random.set_state(blob["rng"]["numpy"])
     random.setstate(blob["rng"]["python"])
+    if "cuda" in blob["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    if scaler is not None and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
     return LoopState(**blob["loop"]), blob["extra"]
