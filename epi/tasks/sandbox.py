@@ -9,9 +9,16 @@ Two layers, both needed:
    ``SAFE_BUILTINS``; attributes must be one of ``SAFE_METHODS``; nothing may start with ``_``. So
    ``import``, ``open``, ``__import__`` and ``().__class__`` are rejected before anything runs.
 2. **Separate process with limits** (``Sandbox``): accepted code runs in one long-lived worker
-   (``python -I -S``) with only the safe builtins, an address-space limit, and a per-call alarm
-   (``while True: pass`` stops after ``timeout`` seconds). Loops inside C code ignore the alarm, so
-   the parent also waits at most ``timeout + grace`` per test and then kills and restarts the worker.
+   (``python -I -S``) with only the safe builtins, an address-space limit, a per-call alarm
+   (``while True: pass`` stops after ``timeout`` seconds) and a per-candidate ``budget`` of wall time
+   across all its tests (once spent, the remaining tests fail at once). Loops inside C code ignore
+   the alarm, so the parent also waits at most ``timeout + grace`` per test (and ``budget + grace``
+   per candidate) and then kills and restarts the worker.
+
+The worker never outlives the scorer: it runs in its own session, asks the kernel for SIGKILL when
+its parent dies (``PR_SET_PDEATHSIG``, Linux), polls its parent pid from a watchdog thread (the
+portable fallback) and has a CPU-time limit (``RLIMIT_CPU``) of one budget per job, which also stops
+a C-level loop that holds the GIL where no death signal exists.
 
 Reusing one worker makes scoring cheap: a few hundred predictions take well under a second.
 POSIX only (``select`` on pipes, ``SIGALRM``), which covers Linux, macOS and Colab.
@@ -24,8 +31,10 @@ import atexit
 import functools
 import json
 import logging
+import math
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -35,7 +44,13 @@ from collections.abc import Sequence
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 1.0
+BUDGET_TIMEOUTS = 3       # default per-candidate budget, in per-test timeouts
 MAX_SOURCE_CHARS = 2000
+_START_SECONDS = 30.0     # a worker that has not said "ready" by then cannot start at all
+# PR_SET_PDEATHSIG fires when the *thread* that started the child exits, so it is only asked for when
+# the worker is started from the main thread; the watchdog thread and RLIMIT_CPU cover the rest.
+_PARENT_DEATH_SIGNAL = sys.platform.startswith("linux")
+_WATCHDOG_SECONDS = 0.25
 
 SAFE_BUILTINS = ("abs", "all", "any", "bool", "chr", "dict", "divmod", "enumerate", "filter", "float",
                  "int", "len", "list", "map", "max", "min", "ord", "range", "reversed", "round", "set",
@@ -118,12 +133,46 @@ def check_source(source: str) -> ast.Module:
 
 # The worker is stdlib-only and self-contained: it runs under `python -I -S`, without site-packages.
 _WORKER = r"""
-import builtins, json, signal, sys
+import builtins, json, os, signal, sys, threading, time
+if DEATH_SIGNAL:
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))    # PR_SET_PDEATHSIG: die with the parent
+        del ctypes
+    except Exception:
+        pass
+if os.getppid() != PARENT:                                  # the parent died before that took effect
+    os._exit(1)
+
+def watchdog():
+    while True:
+        time.sleep(WATCHDOG)
+        if os.getppid() != PARENT:
+            os._exit(1)
+
+if WATCHDOG > 0:
+    threading.Thread(target=watchdog, daemon=True).start()
 try:
     import resource
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))        # a crash or SIGXCPU leaves no core file
 except Exception:
-    pass
+    resource = None
+
+def limit_cpu(seconds):
+    # RLIMIT_CPU counts the whole life of the worker, so every job moves the soft limit to used + budget
+    if resource is None:
+        return
+    try:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        soft = int(usage.ru_utime + usage.ru_stime + seconds) + 1
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    except Exception:
+        pass
+
 SAFE = {name: getattr(builtins, name) for name in NAMES}
 
 class CallTimeout(BaseException):
@@ -148,8 +197,12 @@ def same(a, b):
         return a == b
     return type(a) is type(b) and type(a) in (str, dict, type(None)) and a == b
 
+sys.stdout.write("ready\n")
+sys.stdout.flush()
 for line in sys.stdin:
     job = json.loads(line)
+    limit_cpu(job["budget"] + 1)
+    deadline = time.monotonic() + job["budget"]
     try:
         env = {"__builtins__": dict(SAFE)}
         exec(compile(job["src"], "<candidate>", "exec"), env)
@@ -158,8 +211,9 @@ for line in sys.stdin:
         fn = None
     for args, expected in job["tests"]:
         ok = False
-        if fn is not None:
-            signal.setitimer(signal.ITIMER_REAL, job["timeout"])
+        left = deadline - time.monotonic()
+        if fn is not None and left > 0:
+            signal.setitimer(signal.ITIMER_REAL, min(job["timeout"], left))
             try:
                 ok = same(plain(fn(*args)), expected)
             except BaseException:
@@ -171,17 +225,43 @@ for line in sys.stdin:
 """
 
 
+def check_tests(tests: object) -> list[list]:
+    """Return ``tests`` as a list of ``[args, expected]`` pairs; raise ``ValueError`` naming the bad one.
+
+    A test is a two-item list or tuple whose first item is the list of positional arguments; there
+    must be at least one. Malformed tests are a data error, never a failed candidate.
+    """
+    if not isinstance(tests, (list, tuple)):
+        raise ValueError(f"tests must be a list of [args, expected] pairs, got {type(tests).__name__}")
+    if not tests:
+        raise ValueError("tests must hold at least one [args, expected] pair, got an empty list")
+    for i, test in enumerate(tests):
+        if not (isinstance(test, (list, tuple)) and len(test) == 2 and isinstance(test[0], (list, tuple))):
+            raise ValueError(f"tests[{i}] must be a pair [args, expected] with args a list of "
+                             f"positional arguments, got {test!r:.80}")
+    return [[list(args), expected] for args, expected in tests]
+
+
+def _positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    return float(value)
+
+
 class Sandbox:
     """One worker process that runs whitelisted candidates on tests; restarted when it hangs or dies.
 
-    Use as a context manager or call ``close()``. Thread-safe (one job at a time); after ``fork`` the
-    child starts its own worker.
+    ``timeout`` bounds one test, ``budget`` (default ``BUDGET_TIMEOUTS * timeout``) all tests of one
+    candidate. Use as a context manager or call ``close()``. Thread-safe (one job at a time); after
+    ``fork`` the child starts its own worker.
     """
 
-    def __init__(self, timeout: float = DEFAULT_TIMEOUT, memory_mb: int = 512, grace: float = 0.5) -> None:
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.timeout, self.memory_mb, self.grace = timeout, memory_mb, grace
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT, memory_mb: int = 512, grace: float = 0.5,
+                 budget: float | None = None) -> None:
+        self.timeout = _positive("timeout", timeout)
+        self.budget = _positive("budget", BUDGET_TIMEOUTS * self.timeout if budget is None else budget)
+        self.memory_mb, self.grace = memory_mb, grace
         self._proc: subprocess.Popen | None = None
         self._owner = os.getpid()
         self._buf = b""
@@ -192,16 +272,29 @@ class Sandbox:
         if self._proc is None or self._owner != os.getpid() or self._proc.poll() is not None:
             if self._proc is not None and self._owner == os.getpid():
                 self._kill()
-            code = _WORKER.replace("MEMORY", str(self.memory_mb * 2**20)).replace(
-                "NAMES", repr(SAFE_BUILTINS))
+            death_signal = _PARENT_DEATH_SIGNAL and threading.current_thread() is threading.main_thread()
+            code = (_WORKER.replace("MEMORY", str(self.memory_mb * 2**20)).replace("NAMES", repr(SAFE_BUILTINS))
+                    .replace("DEATH_SIGNAL", repr(death_signal)).replace("PARENT", str(os.getpid()))
+                    .replace("WATCHDOG", repr(float(_WATCHDOG_SECONDS))))
+            # a session of its own: a Ctrl-C meant for the scorer's terminal never reaches the worker
+            # (it would turn into a silently failed test), and killpg reaches all it could start
             self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", code], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
+                                          start_new_session=True)
             self._owner, self._buf = os.getpid(), b""
+            if self._readline(time.monotonic() + _START_SECONDS) != "ready":
+                self._kill()
+                raise RuntimeError(f"the sandbox worker ({sys.executable} -I -S) did not start within "
+                                   f"{_START_SECONDS:.0f} s; check that this Python runs without site-packages "
+                                   f"and that memory_mb={self.memory_mb} leaves it room to start")
         return self._proc
 
     def _kill(self) -> None:
         if self._proc is not None:
-            self._proc.kill()
+            try:                              # not reaped yet, so its pid (= group id) is not reused
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except OSError:
+                self._proc.kill()
             self._proc.wait()
             for pipe in (self._proc.stdin, self._proc.stdout):
                 if pipe is not None:
@@ -224,12 +317,19 @@ class Sandbox:
     def run(self, source: str, tests: Sequence[Sequence]) -> list[bool]:
         """Return one pass/fail per test ``[args, expected]`` for the last function ``source`` defines.
 
-        Raises ``UnsafeCodeError`` if the source fails the whitelist (nothing runs then).
+        Raises ``ValueError`` for malformed ``tests`` (see ``check_tests``) and ``UnsafeCodeError`` if
+        the source fails the whitelist (nothing runs then). Tests left when the candidate's ``budget``
+        is spent fail.
         """
+        tests = check_tests(tests)
         tree = check_source(source)
         entry = tree.body[-1].name
-        job = json.dumps({"src": source, "entry": entry, "tests": [list(t) for t in tests],
-                          "timeout": self.timeout}) + "\n"
+        try:
+            job = json.dumps({"src": source, "entry": entry, "tests": tests, "timeout": self.timeout,
+                              "budget": self.budget}) + "\n"
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"tests must hold JSON values (numbers, strings, lists, dicts, None): {err}") \
+                from None
         with self._lock:
             proc = self._worker()
             try:
@@ -239,8 +339,9 @@ class Sandbox:
                 proc = self._worker()
                 proc.stdin.write(job.encode())
             results: list[bool] = []
+            spent = time.monotonic() + self.budget + self.grace
             for _ in tests:
-                line = self._readline(time.monotonic() + self.timeout + self.grace)
+                line = self._readline(min(time.monotonic() + self.timeout + self.grace, spent))
                 if line is None:              # hung in C code or died: fail the rest, start afresh
                     logger.debug("sandbox worker stopped responding; restarting it")
                     self._kill()
@@ -251,8 +352,6 @@ class Sandbox:
 
     def pass_rate(self, source: str, tests: Sequence[Sequence]) -> float:
         """Return the fraction of ``tests`` passed (0.0 for code that is unsafe or does not parse)."""
-        if not tests:
-            raise ValueError("pass_rate needs at least one test")
         try:
             return sum(self.run(source, tests)) / len(tests)
         except UnsafeCodeError as err:
@@ -274,13 +373,14 @@ class Sandbox:
 
 
 @functools.lru_cache(maxsize=None)
-def default_sandbox(timeout: float = DEFAULT_TIMEOUT) -> Sandbox:
-    """Return the process-wide shared ``Sandbox`` for ``timeout`` (its worker is closed at exit)."""
-    box = Sandbox(timeout)
+def default_sandbox(timeout: float = DEFAULT_TIMEOUT, budget: float | None = None) -> Sandbox:
+    """Return the process-wide shared ``Sandbox`` for ``timeout`` and ``budget`` (closed at exit)."""
+    box = Sandbox(timeout, budget=budget)
     atexit.register(box.close)
     return box
 
 
-def pass_rate(source: str, tests: Sequence[Sequence], timeout: float = DEFAULT_TIMEOUT) -> float:
+def pass_rate(source: str, tests: Sequence[Sequence], timeout: float = DEFAULT_TIMEOUT,
+              budget: float | None = None) -> float:
     """Return the fraction of ``tests`` that ``source`` passes, run in the shared sandbox."""
-    return default_sandbox(timeout).pass_rate(source, tests)
+    return default_sandbox(timeout, budget).pass_rate(source, tests)

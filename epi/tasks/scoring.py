@@ -92,7 +92,11 @@ def _gsm8k(prediction: str, record: dict) -> float:
 def _code(prediction: str, record: dict) -> float:
     if "tests" not in record:
         raise ValueError(f"code record {record.get('id')!r} has no hidden 'tests' to score against")
-    return sandbox.pass_rate(prediction.strip(), record["tests"])
+    try:                    # a malformed test is the record's fault: an error, never a silent 0
+        tests = sandbox.check_tests(record["tests"])
+    except ValueError as err:
+        raise ValueError(f"code record {record.get('id')!r} has malformed hidden tests: {err}") from None
+    return sandbox.pass_rate(prediction.strip(), tests)
 
 
 def _choice(prediction: str, record: dict) -> float:
