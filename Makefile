@@ -8,7 +8,7 @@ PROFILE ?= cpu
 SEED ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: test reproduce bench install clean-venv
+.PHONY: test reproduce bench gpu-check install clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ reproduce: install
 
 bench: install
 	$(PY) -m epi bench
+
+# The prepared GPU check: one CUDA GPU, no network, <= 8 min; writes results/gpu/ (see results/gpu/README.md).
+# With a CUDA-enabled Python of your own (no install step): make gpu-check PY=python3
+# Without a GPU it stops at once; the CPU rehearsal of every part: make gpu-check GPU_CHECK_ARGS="--device cpu"
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),install)
+	$(PY) -m epi gpu-check $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

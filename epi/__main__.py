@@ -110,6 +110,24 @@ def _reproduce(args) -> int:
     return reproduce_main(profile=args.profile, seed=args.seed, out=args.out)
 
 
+def _gpu_check(args) -> int:
+    from . import gpu_check
+    try:
+        plan = gpu_check.plan(args.device, args.shapes.split(",") if args.shapes else None, args.budget_s)
+        out = args.out or ("results/gpu" if plan.cuda else gpu_check.REHEARSAL_OUT)
+        gpu_check.require_device(plan.device)  # before anything else: no GPU, no check (say how to rehearse)
+        command = (f"python -m epi gpu-check --device {plan.device} --out {out} --budget-s {plan.budget_s:g}"
+                   + (f" --shapes {args.shapes}" if args.shapes else ""))
+        print(f"# {command} · work folder {args.work}", flush=True)
+        record = gpu_check.run_check(plan, out, args.work, command, say=lambda m: print(m, flush=True))
+    except (gpu_check.NoGPUError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}/gpu_check.md, gpu_check.json, provenance.json in {record['wall_s']:.0f} s"
+          + ("" if record["ok"] else " · some part failed: see gpu_check.md"))
+    return 0 if record["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m epi", description="Evolving Parameter Isolation suite")
     sub = p.add_subparsers(dest="command", required=True)
@@ -169,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="artifacts")
     r.set_defaults(func=_reproduce)
+
+    gc = sub.add_parser("gpu-check", help="the prepared GPU check: engine benchmark, Trainer path and notebook 07 "
+                                          "on one GPU, offline, in <= 8 min (results/gpu; --device cpu rehearses it)")
+    gc.add_argument("--device", default="cuda", help="cuda (the check) or cpu (the rehearsal: tiny shapes, fp32)")
+    gc.add_argument("--out", default=None, help="default results/gpu; artifacts/gpu-rehearsal with --device cpu")
+    gc.add_argument("--budget-s", dest="budget_s", type=float, default=None,
+                    help="seconds for all parts (default 480 on cuda, 240 on cpu); a part that would not fit is skipped")
+    gc.add_argument("--shapes", default=None, help="benchmark shapes, comma-separated (default qwen2.5-0.5b,qwen2.5-1.5b)")
+    gc.add_argument("--work", default="artifacts/gpu_check", help="scratch folder: model folders, executed notebook")
+    gc.set_defaults(func=_gpu_check)
     return p
 
 
