@@ -42,8 +42,8 @@ class EPIConfig:
     mode: "grad" — zero gradients, zero exp_avg on newly protected coordinates and apply decoupled
         weight decay to free coordinates only (torch Adam/AdamW); "restore" — stash protected values
         before step() and write them back after (any optimizer); "auto" — grad for torch Adam/AdamW in
-        global scope, restore otherwise (per-task masks switch with the task, and restore keeps the
-        moments running as the paper describes).
+        global scope, restore otherwise (per-task masks switch with the task). Closest to the paper's
+        write-up: restore with mask_grads=False (moments run on the true gradient; docs/EXACTNESS.md).
     mask_grads: zero protected gradients in observe() (so clipping and the moments see masked gradients).
     importance_dtype / mask_format: "float32" + "bool" (default) or "bfloat16" + "index" (lean memory).
     targets: which tensors are isolatable — "blocks" = 2-D weights inside transformer blocks, "all" =

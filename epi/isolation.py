@@ -8,7 +8,8 @@ still move it. Two exact recipes (docs/EXACTNESS.md):
   taken over by the isolator and applied to free coordinates only (the group's weight_decay is set to 0
   and the original kept under "epi_weight_decay", so optimizer.state_dict() round-trips).
 * "restore" mode (any optimizer): protected values are stashed before step() and written back after.
-  Moments keep running, as the paper describes ("mask the final delta, including weight decay").
+  The moments see what observe() left: zeros with mask_grads=True (the default), the true gradient with
+  mask_grads=False — the literal reading of the paper's write-up ("mask the final delta, incl. weight decay").
 """
 from __future__ import annotations
 
