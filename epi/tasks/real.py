@@ -17,17 +17,26 @@ Real datasets (``REAL_TASKS``):
   last assistant turn, which becomes ``response`` and ``answer``.
 
 A malformed record raises ``ValueError`` naming the file and line (JSONL, text) or the record index
-(JSON array, hub rows). Unknown extra fields are ignored.
+(JSON array, hub rows); so do a byte that is not UTF-8 (a UTF-8 byte-order mark is fine), a file
+without records, and a code record whose ``tests`` are not a non-empty list of ``[args, expected]``.
+Unknown extra fields are ignored.
+
+Local path or hub id? A ``source`` that does not exist is a hub id only if it could be one: a path
+that starts with ``.``, ``/`` or ``~``, holds a backslash or more than one ``/``, ends with a data-file
+suffix (``.jsonl``, ``.json``, ``.txt``, ...), or whose folder exists here (``data/gsm8k`` when there is
+a ``data/`` folder) raises ``FileNotFoundError`` before any network call.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from .sandbox import check_tests
 from .synthetic import ABILITIES
 
 logger = logging.getLogger(__name__)
@@ -126,8 +135,10 @@ def _synthetic(row: dict, index: int) -> dict:
             isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str)
             for m in row["messages"]):
         raise ValueError("'messages' must be a list of {'role': 'user'|'assistant', 'content': str}")
-    if row["task"] == "code" and not isinstance(row.get("tests"), list):
-        raise ValueError("code records need a 'tests' list of [args, expected]")
+    if row["task"] == "code":
+        if "tests" not in row:
+            raise ValueError("code records need a 'tests' list of [args, expected]")
+        check_tests(row["tests"])       # scoring would fail on them much later, far from the file
     return row
 
 
@@ -138,9 +149,25 @@ _ADAPTERS: dict[str, Callable[[dict, int], dict]] = {
 
 
 # ------------------------------------------------------------------------------------------ readers
+def _decode(raw: bytes, path: Path, first_line: int = 1) -> str:
+    """Return ``raw`` decoded as UTF-8; a bad byte raises ``ValueError`` naming file, line and byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + raw.count(b"\n", 0, err.start)
+        column = err.start - raw.rfind(b"\n", 0, err.start)
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); "
+                         "re-save the file as UTF-8") from None
+
+
+def _read_text(path: Path) -> str:
+    return _decode(path.read_bytes().removeprefix(codecs.BOM_UTF8), path)
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            line = _decode(raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw, path, number)
             if not line.strip():
                 continue
             try:
@@ -151,7 +178,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
 
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: malformed file: invalid JSON ({err.msg})") from None
     if not isinstance(rows, list):
@@ -162,7 +189,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
 
 def _logiqa_txt(path: Path) -> list[dict]:
     """Return LogiQA records from the original text format: 8 lines per item, the first one blank."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     records = []
@@ -195,13 +222,37 @@ def _adapt_all(name: str, rows: Iterable[tuple[str, object]]) -> list[dict]:
 def _read_file(name: str, path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _adapt_all(name, _jsonl_rows(path))
-    if suffix == ".json":
-        return _adapt_all(name, _json_rows(path))
-    if suffix == ".txt" and name == "logiqa":
-        return _logiqa_txt(path)
-    raise ValueError(f"cannot read {path} for task {name!r}: expected .jsonl, .json"
-                     + (" or LogiQA .txt" if name == "logiqa" else ""))
+        records = _adapt_all(name, _jsonl_rows(path))
+    elif suffix == ".json":
+        records = _adapt_all(name, _json_rows(path))
+    elif suffix == ".txt" and name == "logiqa":
+        records = _logiqa_txt(path)
+    else:
+        raise ValueError(f"cannot read {path} for task {name!r}: expected .jsonl, .json"
+                         + (" or LogiQA .txt" if name == "logiqa" else ""))
+    if not records:         # an empty file would train and evaluate on nothing without a word
+        raise ValueError(f"no records in {path} (the file is empty or an empty JSON array); "
+                         f"point at a file that holds {name} records, or write them again")
+    return records
+
+
+_DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".parquet", ".arrow", ".gz", ".zip")
+
+
+def _local_path_reason(source: str | Path) -> str | None:
+    """Return why ``source`` can only be a local path (the rule in the module docstring), else None."""
+    if isinstance(source, Path):
+        return "is a pathlib.Path"
+    source = str(source)
+    if source.startswith((".", "/", "~")):
+        return "starts with '.', '/' or '~'"
+    if "\\" in source or source.count("/") > 1:
+        return "has a backslash or more than one '/', which a hub id (owner/name) never has"
+    if source.lower().endswith(_DATA_SUFFIXES):
+        return f"ends with the file suffix {Path(source).suffix!r}"
+    if "/" in source and Path(source).parent.is_dir():
+        return f"its folder {Path(source).parent.as_posix()!r} exists here"
+    return None
 
 
 def _find_file(name: str, folder: Path, split: str | None) -> Path:
@@ -253,8 +304,16 @@ def load_task(name: str, source: str | Path, split: str | None = None) -> list[d
             raise FileNotFoundError(f"no {name} records at {path}; create them with "
                                     f"`python -m epi data --out {Path(source).as_posix()} --seed 0`")
         return _read_file(name, path)
+    path = path.expanduser()
     if path.is_dir():
         return _read_file(name, _find_file(name, path, split))
     if path.is_file():
         return _read_file(name, path)
+    reason = _local_path_reason(source)
+    if reason is not None:          # a mistyped path must not turn into minutes of hub retries
+        raise FileNotFoundError(
+            f"no {name} data at {path}: {str(source)!r} is a local path (it {reason}) and nothing is there. "
+            f"Check the spelling, or save the {name} rows there as .jsonl or .json"
+            f"{' (or LogiQA .txt)' if name == 'logiqa' else ''}; to read the hub instead, pass a hub id "
+            "of the form owner/name as on huggingface.co/datasets")
     return _from_hub(name, str(source), split)
