@@ -6,8 +6,12 @@ notebooks and ablations can measure them instead of guessing.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
+
+import numpy as np
 
 SCORES = ("fisher", "taylor", "grad", "delta")
 SCOPES = ("global", "per_task")
@@ -20,8 +24,32 @@ TARGETS = ("blocks", "all")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _flag(name: str, value: Any) -> bool:
+    """Return value as a bool; only True/False (or a numpy bool) — "no" or 0 would read as a silent truth value."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def _int(name: str, value: Any, low: int, high: Optional[int] = None, extra: str = "") -> int:
+    """Return value as an int in [low, high); bools and floats (even 2.0) are refused."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if not ok or value < low or (high is not None and value >= high):
+        span = f">= {low}" if high is None else f"in [{low}, {'2**63' if high == 2 ** 63 else high})"
+        raise ValueError(f"{name} must be an int {span}{extra}, got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value: Any, what: str, ok) -> float:
+    """Return value as a finite float accepted by `ok`; bools, strings, NaN and inf are refused."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not real or not math.isfinite(float(value)) or not ok(float(value)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -82,28 +110,26 @@ class EPIConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("score", self.score, SCORES)
-        _choice("scope", self.scope, SCOPES)
-        _choice("normalize", self.normalize, NORMALIZERS)
-        _choice("quota", self.quota, QUOTAS)
-        _choice("mode", self.mode, MODES)
-        _choice("importance_dtype", self.importance_dtype, IMPORTANCE_DTYPES)
-        _choice("mask_format", self.mask_format, MASK_FORMATS)
-        _choice("targets", self.targets, TARGETS)
-        if not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
-            raise ValueError(f"ratio must be in (0, 1), got {self.ratio!r}")
-        if not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
-        if self.refresh_every is not None and (not isinstance(self.refresh_every, int) or self.refresh_every <= 0):
-            raise ValueError(f"refresh_every must be a positive int or None (static), got {self.refresh_every!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if not isinstance(self.score_every, int) or self.score_every < 1:
-            raise ValueError(f"score_every must be an int >= 1, got {self.score_every!r}")
-        if not isinstance(self.hysteresis, (int, float)) or self.hysteresis < 0 or self.ratio + self.hysteresis >= 1:
-            raise ValueError(f"hysteresis must be >= 0 with ratio + hysteresis < 1, got {self.hysteresis!r}")
-        if not isinstance(self.spearman_sample, int) or self.spearman_sample < 0:
-            raise ValueError(f"spearman_sample must be an int >= 0, got {self.spearman_sample!r}")
+        # Every field is checked for type, range and finiteness, and normalised to a plain Python value
+        # (numpy scalars from a sweep become int/float/bool, so to_dict() stays JSON-friendly).
+        for name, allowed in (("score", SCORES), ("scope", SCOPES), ("normalize", NORMALIZERS), ("quota", QUOTAS),
+                              ("mode", MODES), ("importance_dtype", IMPORTANCE_DTYPES),
+                              ("mask_format", MASK_FORMATS), ("targets", TARGETS)):
+            _choice(name, getattr(self, name), allowed)
+        for name in ("mask_grads", "include_embeddings", "include_head", "include_norms", "track_first",
+                     "check_finite", "isolate"):
+            setattr(self, name, _flag(name, getattr(self, name)))
+        self.ratio = _real("ratio", self.ratio, "a finite number in (0, 1)", lambda v: 0.0 < v < 1.0)
+        self.beta = _real("beta", self.beta, "a finite number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+        self.hysteresis = _real("hysteresis", self.hysteresis,
+                                f"a finite number >= 0 with ratio + hysteresis < 1 (ratio={self.ratio})",
+                                lambda v: v >= 0.0 and self.ratio + v < 1.0)
+        if self.refresh_every is not None:
+            self.refresh_every = _int("refresh_every", self.refresh_every, 1, extra=" or None (static)")
+        self.warmup_steps = _int("warmup_steps", self.warmup_steps, 0)
+        self.score_every = _int("score_every", self.score_every, 1)
+        self.spearman_sample = _int("spearman_sample", self.spearman_sample, 0)
+        self.seed = _int("seed", self.seed, 0, 2 ** 63)
         if self.mask_format == "index" and self.mode == "grad":
             raise ValueError("mode must be 'restore' or 'auto' when mask_format='index' (index masks isolate by restore)")
 
