@@ -13,10 +13,35 @@ FLOORS = {"torch": "2.1", "transformers": "4.45"}
 CPU_SCALE = ("smoke", "cpu")
 
 
+# Programs that execute a notebook with nobody watching. None of them tells its kernel so through the
+# environment, but each starts the kernel as its own child process.
+EXECUTORS = ("papermill", "nbval", "nbclient", "nbconvert", "jupyter-execute")
+
+
+def started_by_executor(parent_cmdline: Optional[str] = None) -> bool:
+    """True when the parent process (this kernel's launcher) is papermill, nbval, nbclient or nbconvert.
+
+    `parent_cmdline` defaults to the parent's command line from /proc (Linux); elsewhere this returns False.
+    """
+    if parent_cmdline is None:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        except OSError:
+            return False
+        parent_cmdline = raw.replace(b"\0", b" ").decode(errors="replace")
+    return any(name in parent_cmdline for name in EXECUTORS)
+
+
 def quiet() -> bool:
-    """True under CI, papermill/nbval, or when EPI_SMOKE=1: progress bars and chatty logs off."""
-    return any(os.environ.get(k) for k in ("CI", "EPI_SMOKE", "PAPERMILL", "PYTEST_CURRENT_TEST")) or \
-        "PAPERMILL_INPUT_PATH" in os.environ
+    """True under CI, pytest (nbval), a notebook executor (papermill, nbclient, nbconvert), EPI_SMOKE=1 or
+    EPI_QUIET=1: progress bars and chatty logs off. EPI_QUIET=0 turns it off whatever else holds.
+
+    `python -m epi reproduce` sets EPI_QUIET=1 for its kernels (their parent is the epi CLI, not papermill's).
+    """
+    forced = os.environ.get("EPI_QUIET", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return any(os.environ.get(k) for k in ("CI", "EPI_SMOKE", "PYTEST_CURRENT_TEST")) or started_by_executor()
 
 
 def resolve_profile(profile: str = "auto", *, gpu_profile: str = "cpu", serves: Sequence[str] = CPU_SCALE) -> str:

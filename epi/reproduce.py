@@ -9,6 +9,7 @@ to artifacts/report.md.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def main(profile: str = "cpu", seed: int = 0, out: str = "artifacts") -> int:
     out_dir = (root / out) if not Path(out).is_absolute() else Path(out)
     (out_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     t_all = time.time()
+    # the kernels inherit this process's environment (papermill passes none of its own): epi.nb.quiet() is True
+    # there, so no progress widgets pile up in the executed notebooks; EPI_QUIET=0 keeps them
+    os.environ.setdefault("EPI_QUIET", "1")
     for prefix in NOTEBOOKS:
         (nb,) = sorted((root / "notebooks").glob(f"{prefix}_*.ipynb"))
         t0 = time.time()
