@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -231,18 +232,16 @@ def trainer_part(p: Plan, work: Path) -> dict:
 
 
 def stand_in_datasets(folder: Path) -> Optional[Dict[str, str]]:
-    """Return the environment that points the hub loader at a local stand-in mirror written to `folder`,
-    or None when this version of `epi` has no mirror writer."""
+    """Return the environment that sends the hub loader to a stand-in mirror written to `folder` (enough
+    training rows for the gpu profile's train_records), or None when this `epi` has no mirror writer."""
     try:
-        from .tasks import hub
+        from .experiment import resolve
+        from .tasks.hub import MIRROR_ENV
+        from .tasks.mirror import write_mirror
     except ImportError:
         return None
-    write = getattr(hub, "write_mirror", None)
-    var = getattr(hub, "MIRROR_ENV", None)
-    if write is None or var is None:
-        return None
-    write(folder)
-    return {var: str(folder)}
+    write_mirror(folder, n_train=resolve("gpu").train_records)
+    return {MIRROR_ENV: str(folder)}
 
 
 def notebook_part(p: Plan, work: Path, timeout_s: float) -> dict:
@@ -252,7 +251,7 @@ def notebook_part(p: Plan, work: Path, timeout_s: float) -> dict:
     root = repo_root()
     env = stand_in_datasets(work / "hub-mirror")
     if env is None:
-        return {"skipped": "stand-in datasets not available (this epi has no epi.tasks.hub mirror writer)"}
+        return {"skipped": "stand-in datasets not available (this epi has no epi.tasks.mirror.write_mirror)"}
     model_dir = save_random_model(p.model_shape, work / f"model-{p.model_shape}")
     out_dir = work / "notebook07"
     params = {"PROFILE": "gpu", "SEED": 0, "MODEL_NAME": str(model_dir), "OUTPUT_DIR": str(out_dir),
@@ -270,10 +269,10 @@ def notebook_part(p: Plan, work: Path, timeout_s: float) -> dict:
         return {"ok": False, "reason": f"notebook 07 ran past the {timeout_s:.0f} s left of the budget and was stopped",
                 "params": params}
     wall = time.perf_counter() - t0
-    (work / "notebook07.log").write_text(proc.stdout + proc.stderr)
+    logfile = work / "notebook07.log"
+    logfile.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-8:]
-        return {"ok": False, "reason": f"papermill exited {proc.returncode}: " + " / ".join(tail),
+        return {"ok": False, "reason": f"papermill exited {proc.returncode}: {_last_error(proc.stderr)} (log: {logfile})",
                 "params": params, "papermill_s": wall}
     summary = json.loads((out_dir / "summary.json").read_text())
     numbers = summary.get("numbers", {})
@@ -283,6 +282,13 @@ def notebook_part(p: Plan, work: Path, timeout_s: float) -> dict:
             "eval_s": numbers.get("eval_s"), "max_protected_drift": drift,
             "claims": [{k: c.get(k) for k in ("claim", "verdict")} for c in summary.get("claims", [])],
             "ok": drift == 0.0}
+
+
+def _last_error(text: str) -> str:
+    """Return the last line of a traceback that names an exception (else the last non-empty line)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", line)]
+    return (named or lines or ["no output"])[-1][:400]
 
 
 # ---- running, budget, files ------------------------------------------------------------------------------
