@@ -1,14 +1,16 @@
 # Two commands do all the set-up on a fresh machine (Python >= 3.10 is all they need):
 #   make test       create .venv, install torch==2.13.0 (CPU) first, then epi[test], run every test
 #   make reproduce  the main job on the default CPU profile (PROFILE=smoke for a few minutes)
+#   make lab        the same .venv, plus JupyterLab, opened on notebooks/
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= cpu
 SEED ?= 0
 PYTEST_ARGS ?=
+LAB_ARGS ?=
 
-.PHONY: test reproduce bench gpu-check install clean-venv
+.PHONY: test reproduce bench gpu-check lab install clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +42,11 @@ bench: install
 # Without a GPU it stops at once; the CPU rehearsal of every part: make gpu-check GPU_CHECK_ARGS="--device cpu"
 gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),install)
 	$(PY) -m epi gpu-check $(GPU_CHECK_ARGS)
+
+# JupyterLab on the notebooks, in the environment make test uses (its kernel "python3" is this .venv).
+lab: install
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q -e ".[test,notebooks]"
+	$(VENV)/bin/jupyter lab notebooks $(LAB_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,9 +1,11 @@
 """environment.yml (exact pins) agrees with pyproject.toml (floors); the CLI and CI entry exist."""
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
 
+import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -61,3 +63,19 @@ def test_cli_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "epi", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("data", "bench", "reproduce"):
         assert command in out
+
+
+def test_jupyterlab_is_in_the_notebooks_extra():
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["notebooks"]
+    assert any(Requirement(r).name == "jupyterlab" for r in extra)
+
+
+def test_make_lab_opens_the_notebooks_with_the_venvs_jupyter():
+    """`make lab` installs what `make test` installs (the same .venv) and starts that venv's JupyterLab."""
+    if not shutil.which("make"):
+        pytest.skip("make is missing")
+    plan = subprocess.run(["make", "-n", "-B", "lab"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    lines = plan.splitlines()
+    assert any('pip install -q -e ".[test]"' in line for line in lines), "the install step of make test"
+    assert lines[-1].split()[:3] == [".venv/bin/jupyter", "lab", "notebooks"]
+    assert any("import jupyterlab" in line and ".venv/bin/python" in line for line in lines)
