@@ -8,6 +8,7 @@ State machine (inspectable as `iso.state`):
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -18,6 +19,8 @@ from .config import EPIConfig
 from .importance import ImportanceTracker, local
 from .isolation import Isolator
 from .masks import index_overlap, mask_overlap, random_masks, spearman, top_p_masks
+
+log = logging.getLogger(__name__)
 
 _BLOCK = re.compile(r"(^|\.)(layers|h|blocks|block|decoder\.layers|encoder\.layers)\.\d+\.")
 _NORM = re.compile(r"norm|ln_|layernorm", re.IGNORECASE)
@@ -249,9 +252,11 @@ class EvolvingIsolation:
         """Protect the top-p of externally computed scores (e.g. |θ_task − θ₀|) with this config."""
         if isinstance(scores, dict):
             scores = [scores[n] for n in self.names]
-        masks = top_p_masks([local(s) for s in scores], self.config.ratio, normalize=self.config.normalize,
+        scores = [local(s) for s in scores]
+        masks = top_p_masks(scores, self.config.ratio, normalize=self.config.normalize,
                             quota=self.config.quota, numels=self.numels, group=self.group)
         self.set_masks(masks, key)
+        self._report_realised(key, self._global_count(sum(int(m.sum()) for m in masks)) / sum(self.numels), scores)
 
     def random_masks(self, ratio: float, key: str = "global") -> None:
         """Protect a uniformly random `ratio` of the isolatable coordinates (the matched-size control)."""
@@ -325,7 +330,24 @@ class EvolvingIsolation:
             return
         for key, masks in new.items():
             self.history.append(self._drift(key, masks))
+            self._report_realised(key, self.history[-1]["protected_fraction"], self.tracker.buffers[key])
         self._install({**self.sets, **new})
+
+    def _report_realised(self, key: str, fraction: float, importance: Sequence[torch.Tensor]) -> None:
+        """Warn when the realised protected fraction is far from the asked ratio (zeros or ties)."""
+        cfg = self.config
+        total = sum(self.numels)
+        if fraction < 0.95 * cfg.ratio:
+            nonzero = self._global_count(sum(int(torch.count_nonzero(t)) for t in importance))
+            hint = (": score='delta' is |θ−θ₀|, zero until the weights first move, so raise warmup_steps"
+                    if cfg.score == "delta" else "")
+            log.warning("step %d, %r set: protected %.4g of the isolatable coordinates, asked %s: only %d of %d "
+                        "have non-zero importance, and a coordinate with zero importance is never protected%s",
+                        self.step, key, fraction, cfg.ratio, nonzero, total, hint)
+        elif fraction > 1.05 * (cfg.ratio + cfg.hysteresis) + 1 / total:
+            log.warning("step %d, %r set: protected %.4g of the isolatable coordinates, asked %s: importance values "
+                        "tie at the threshold and every tied coordinate is protected%s", self.step, key, fraction,
+                        cfg.ratio, " (bfloat16 importance ties more often)" if cfg.importance_dtype == "bfloat16" else "")
 
     def _install(self, sets: Dict[str, List[torch.Tensor]]) -> None:
         if self.config.mask_format == "index":

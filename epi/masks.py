@@ -3,8 +3,11 @@
 The global threshold is found by a two-pass radix select on the float32 bit pattern (importance ≥ 0,
 so the int32 view is monotone in the value), one tensor at a time: no concatenated copy, no sort, and
 only two small histograms cross ranks under torch.distributed. The result equals `kthvalue` on the
-concatenated values. Ties: every coordinate whose value equals the threshold is protected, so the
-realised count can exceed k when values tie at the boundary (the realised fraction is logged).
+concatenated values. Ties: every coordinate whose value equals a positive threshold is protected, so the
+realised count can exceed k when values tie at the boundary (more likely with bfloat16 importance, which
+has 128 values per octave; the engine logs the realised fraction and warns when it is far from the ratio).
+Zeros: a coordinate with zero importance is never protected, so when fewer than k coordinates have
+non-zero importance the realised count is smaller than k (a threshold of 0 used to protect everything).
 """
 from __future__ import annotations
 
@@ -95,7 +98,8 @@ def top_p_masks(importance: Sequence[torch.Tensor], ratio: float, *, normalize: 
     """Return one bool mask per tensor marking its protected (top-p) coordinates.
 
     With hysteresis h and a previous mask, a previously protected coordinate stays protected while it is
-    in the top-(p+h) set; everything else follows the top-p set.
+    in the top-(p+h) set; everything else follows the top-p set. Coordinates with zero importance are never
+    protected (they carry no evidence of importance, and a zero threshold would otherwise take them all).
     """
     numels = list(numels) if numels is not None else [t.numel() for t in importance]
     scales = layer_scales(importance, normalize, numels, group)
@@ -122,7 +126,7 @@ def top_p_masks(importance: Sequence[torch.Tensor], ratio: float, *, normalize: 
         m = v >= thr[i]
         if keep_thr is not None:
             m |= previous[i] & (v >= keep_thr[i])
-        masks.append(m)
+        masks.append(m.logical_and_(v > 0))
     return masks
 
 
