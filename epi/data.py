@@ -21,14 +21,14 @@ def train_records(task: str, n: int, seed: int, difficulty: int = 1, source: str
     """Return `n` training records of `task` (generated for EPI-Mini abilities, loaded otherwise)."""
     if task in ABILITIES and source == "synthetic":
         return generate(task, n, seed=seed, split="train", difficulty=difficulty)
-    return load_task(task, source, split="train")[:n]
+    return load_task(task, source, split=f"train[:{n}]" if source == "hub" else "train")[:n]  # hub: read n rows only
 
 
 def eval_records(task: str, n: int, difficulty: int = 1, source: str = "synthetic") -> List[dict]:
     """Return `n` held-out test records of `task` (distinct prompts, the same for every seed)."""
     if task in ABILITIES and source == "synthetic":
         return generate(task, n, seed=EVAL_SEED, split="test", difficulty=difficulty, unique=True)
-    return load_task(task, source, split="test")[:n]
+    return load_task(task, source, split=f"test[:{n}]" if source == "hub" else "test")[:n]
 
 
 def balanced_schedule(tasks: Sequence[str], steps_per_task: int, seed: int) -> List[str]:

@@ -29,7 +29,7 @@ class ExperimentConfig:
     tasks: List[str] = field(default_factory=lambda: ["math", "code", "logic", "instruction", "chat"])
     train_tasks: List[str] = field(default_factory=lambda: ["math", "code"])
     difficulty: int = 1
-    data_source: str = "synthetic"          # "synthetic" (generated on the fly) or a folder/hub id per task
+    data_source: str = "synthetic"          # "synthetic" (generated on the fly), "hub" (epi.tasks.hub.HUB) or a folder
     steps_per_task: int = 100               # optimizer steps per task in a stage (mix: total = T × this)
     batch_size: int = 16
     lr: float = 1e-3

@@ -36,15 +36,13 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from .hub import HUB, check_train_slice, hub_entry, read_rows, resolve_split
 from .sandbox import check_tests
 from .synthetic import ABILITIES
 
 logger = logging.getLogger(__name__)
 
-REAL_TASKS = ("gsm8k", "codealpaca", "logiqa", "alpaca", "ultrachat")
-# hub config and default split per task (``split=None``)
-_HUB_DEFAULTS = {"gsm8k": ("main", "train"), "codealpaca": (None, "train"), "logiqa": (None, "train"),
-                 "alpaca": (None, "train"), "ultrachat": (None, "train_sft")}
+REAL_TASKS = tuple(HUB)  # gsm8k, codealpaca, logiqa, alpaca, ultrachat: the hub table's tasks
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _ROLES = ("user", "assistant")
 
@@ -269,17 +267,23 @@ def _find_file(name: str, folder: Path, split: str | None) -> Path:
 
 
 def _from_hub(name: str, hub_id: str, split: str | None) -> list[dict]:
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(f"loading {hub_id!r} from the hub needs `pip install datasets` "
-                          "(or pass a local file path)") from None
-    config, default_split = _HUB_DEFAULTS[name]
-    split = split or default_split
-    logger.info("loading %s (%s, config=%s, split=%s) from the hub", name, hub_id, config, split)
-    rows = datasets.load_dataset(hub_id, config, split=split) if config else \
-        datasets.load_dataset(hub_id, split=split)
+    """Return the records of an explicit hub id (the table's config; split default: its training split)."""
+    entry = hub_entry(name)
+    split = split or entry.train_split
+    rows = read_rows(hub_id, entry.config, split)
     return _adapt_all(name, ((f"{hub_id} [{split}]: record {i}", dict(row)) for i, row in enumerate(rows)))
+
+
+def _from_table(name: str, split: str | None) -> list[dict]:
+    """Return the records of ``split`` ("train", "test", a slice of either, or a raw split) via ``HUB``."""
+    entry = hub_entry(name)
+    hub_split, after, guard = resolve_split(name, split)
+    rows = read_rows(entry.hub_id, entry.config, hub_split)
+    records = _adapt_all(name, ((f"{entry.hub_id} [{hub_split}]: record {i}", dict(row))
+                                for i, row in enumerate(rows)))
+    if guard is not None:
+        check_train_slice(name, hub_split, len(records), rows)
+    return records[after] if after is not None else records
 
 
 def load_task(name: str, source: str | Path, split: str | None = None) -> list[dict]:
@@ -290,9 +294,11 @@ def load_task(name: str, source: str | Path, split: str | None = None) -> list[d
 
     - for an ability, a directory written by ``python -m epi data`` (reads
       ``<source>/<name>/<split>.jsonl``, split default "train") or one JSONL file;
-    - for a real dataset, a local file (``.jsonl``, ``.json`` array, LogiQA ``.txt``), a directory
-      holding exactly one such file (after filtering by ``split`` when given), or else a hub id such
-      as ``"openai/gsm8k"`` loaded with ``datasets.load_dataset``.
+    - for a real dataset, ``"hub"`` (the hub table ``epi.tasks.hub.HUB``: split ``"train"`` or
+      ``"test"``, optionally sliced, e.g. ``"train[:2000]"``; ``$EPI_HUB_MIRROR`` reads an offline
+      mirror), a local file (``.jsonl``, ``.json`` array, LogiQA ``.txt``), a directory holding exactly
+      one such file (after filtering by ``split`` when given), or else a hub id such as
+      ``"openai/gsm8k"`` loaded with ``datasets.load_dataset``.
     """
     if name not in _ADAPTERS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(ABILITIES + REAL_TASKS)}")
@@ -304,6 +310,8 @@ def load_task(name: str, source: str | Path, split: str | None = None) -> list[d
             raise FileNotFoundError(f"no {name} records at {path}; create them with "
                                     f"`python -m epi data --out {Path(source).as_posix()} --seed 0`")
         return _read_file(name, path)
+    if str(source) == "hub":
+        return _from_table(name, split)
     path = path.expanduser()
     if path.is_dir():
         return _read_file(name, _find_file(name, path, split))
