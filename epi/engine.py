@@ -121,13 +121,24 @@ class EvolvingIsolation:
         return "static" if self.config.static or self._forced else "isolating"
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "EvolvingIsolation":
-        """Hook the optimizer: from now on optimizer.step() leaves protected coordinates unchanged."""
+        """Return self after hooking `optimizer`: from then on its step() leaves protected coordinates unchanged.
+
+        One engine isolates one optimizer (give it every parameter, in param groups if they need different
+        settings). Attaching the same optimizer again is a no-op; another one is refused, because moving
+        the hooks would silently let the first optimizer move protected coordinates: call detach() first.
+        """
         if self.isolator is not None:
-            self.isolator.detach()
+            if self.isolator.optimizer is optimizer:
+                return self
+            raise ValueError(f"this EvolvingIsolation is already attached to a {type(self.isolator.optimizer).__name__}; "
+                             f"attaching a {type(optimizer).__name__} as well would unhook the first (its protected "
+                             "coordinates would then move). One engine isolates one optimizer: put every parameter "
+                             "in one optimizer (param groups), or call detach() first to move the engine")
         self.isolator = Isolator(self, optimizer)
         return self
 
     def detach(self) -> None:
+        """Remove the optimizer hooks (protected coordinates are no longer held) and restore weight decay."""
         if self.isolator is not None:
             self.isolator.detach()
             self.isolator = None

@@ -44,6 +44,13 @@ class Isolator:
     """Registers step pre/post hooks on an optimizer and keeps protected coordinates fixed."""
 
     def __init__(self, engine: "EvolvingIsolation", optimizer: torch.optim.Optimizer):
+        for hook in optimizer._optimizer_step_pre_hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, Isolator) and owner.optimizer is optimizer:
+                # Two engines would both mask, both apply weight decay and both count the step.
+                raise ValueError("this optimizer is already isolated by another EvolvingIsolation: call that engine's "
+                                 "detach() first (one engine per optimizer; per-task sets live in one engine with "
+                                 "scope='per_task')")
         self.engine = engine
         self.optimizer = optimizer
         cfg = engine.config
