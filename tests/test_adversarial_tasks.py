@@ -139,7 +139,8 @@ def test_parent_watchdog_alone_stops_an_orphaned_worker():
 def test_cpu_time_limit_stops_an_orphan_that_no_other_guard_reaches():
     # no death signal, and the watchdog thread cannot run while C code holds the GIL: RLIMIT_CPU
     worker, alive = _orphan_after_scorer_killed(
-        C_LOOP, setup="sandbox._PARENT_DEATH_SIGNAL = False", box_args="timeout=1.0, budget=1.0", wait=30.0)
+        C_LOOP, setup="sandbox._PARENT_DEATH_SIGNAL = False",
+        box_args="timeout=0.25, budget=0.25, grace=30.0", wait=30.0)     # grace: the scorer waits
     assert not alive, f"sandbox worker {worker} spun past its CPU-time limit"
 
 
@@ -157,6 +158,12 @@ def test_twenty_looping_tests_stop_at_the_per_candidate_budget():
         # negative control: fast tests after one slow test still pass while budget is left
         slow_first = "def f(x):\n    while x == 0:\n        pass\n    return x"
         assert default_budget.run(slow_first, tests) == [False] + [True] * 19
+
+
+def test_worker_that_cannot_start_is_an_error_not_a_zero_score():
+    with Sandbox(memory_mb=1) as starved:                # dies before it can say "ready"
+        with pytest.raises(RuntimeError, match="memory_mb=1"):
+            starved.pass_rate("def f(x): return x", [[[1], 1]])
 
 
 def test_malformed_hidden_tests_are_an_error_naming_the_record_not_a_zero():

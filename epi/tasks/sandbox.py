@@ -197,10 +197,7 @@ def same(a, b):
         return a == b
     return type(a) is type(b) and type(a) in (str, dict, type(None)) and a == b
 
-sys.stdout.write("ready\n")
-sys.stdout.flush()
-for line in sys.stdin:
-    job = json.loads(line)
+def results(job):
     limit_cpu(job["budget"] + 1)
     deadline = time.monotonic() + job["budget"]
     try:
@@ -220,6 +217,18 @@ for line in sys.stdin:
                 ok = False
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+        yield ok
+
+# a canary through the same path: a worker that cannot pass it (too little memory, a broken Python)
+# would fail every candidate, so it stays silent and the parent reports that it did not start
+CANARY = {"src": "def f(x):\n    return sorted([x] * 1000)[0]", "entry": "f", "tests": [[[7], 7]],
+          "timeout": 5.0, "budget": 5.0}
+if not all(results(json.loads(json.dumps(CANARY)))):
+    os._exit(3)
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    for ok in results(json.loads(line)):
         sys.stdout.write("1\n" if ok else "0\n")
         sys.stdout.flush()
 """
@@ -273,7 +282,8 @@ class Sandbox:
             if self._proc is not None and self._owner == os.getpid():
                 self._kill()
             death_signal = _PARENT_DEATH_SIGNAL and threading.current_thread() is threading.main_thread()
-            code = (_WORKER.replace("MEMORY", str(self.memory_mb * 2**20)).replace("NAMES", repr(SAFE_BUILTINS))
+            code = (_WORKER.replace("MEMORY", str(self.memory_mb * 2**20))
+                    .replace("NAMES", repr(SAFE_BUILTINS))
                     .replace("DEATH_SIGNAL", repr(death_signal)).replace("PARENT", str(os.getpid()))
                     .replace("WATCHDOG", repr(float(_WATCHDOG_SECONDS))))
             # a session of its own: a Ctrl-C meant for the scorer's terminal never reaches the worker
@@ -283,18 +293,25 @@ class Sandbox:
                                           start_new_session=True)
             self._owner, self._buf = os.getpid(), b""
             if self._readline(time.monotonic() + _START_SECONDS) != "ready":
+                try:
+                    status = self._proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    status = None
                 self._kill()
-                raise RuntimeError(f"the sandbox worker ({sys.executable} -I -S) did not start within "
-                                   f"{_START_SECONDS:.0f} s; check that this Python runs without site-packages "
-                                   f"and that memory_mb={self.memory_mb} leaves it room to start")
+                why = (f"exited with status {status} before it was ready" if status is not None
+                       else f"did not say it was ready within {_START_SECONDS:.0f} s")
+                raise RuntimeError(f"the sandbox worker ({sys.executable} -I -S) {why}, so no candidate "
+                                   f"could be scored; check that this Python runs without site-packages "
+                                   f"and that memory_mb={self.memory_mb} leaves it room (the default is 512)")
         return self._proc
 
     def _kill(self) -> None:
         if self._proc is not None:
-            try:                              # not reaped yet, so its pid (= group id) is not reused
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except OSError:
-                self._proc.kill()
+            if self._proc.returncode is None:     # not reaped yet, so its pid (= group id) is not reused
+                try:
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                except OSError:
+                    self._proc.kill()
             self._proc.wait()
             for pipe in (self._proc.stdin, self._proc.stdout):
                 if pipe is not None:
