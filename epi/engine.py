@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -109,7 +110,8 @@ class EvolvingIsolation:
         self._sample_prev: Dict[str, torch.Tensor] = {}
         self._active_cache: Dict[Optional[str], ActiveMask] = {}
         self._active_version = 0
-        self._observed = False
+        self._observed = False  # observe() ran since the last optimizer step
+        self._seen: Optional[Tuple[Optional[str], list, bool]] = None  # (task, gradient stamps, finite) it saw
         self._forced = False  # masks set from outside (static from scores, random control)
         self._sample = self._make_sample()
 
@@ -147,10 +149,16 @@ class EvolvingIsolation:
     def observe(self, task: Optional[str] = None) -> None:
         """Fold this step's gradients into the importance of `task` and zero protected gradients.
 
-        Call once per optimizer step, after the last micro-batch's backward and before clipping.
+        Call once per optimizer step, after the last micro-batch's backward and before clipping. Each gradient
+        is folded once: calling again on the same gradients does nothing (another task for them is an error);
+        new gradient tensors after a skipped optimizer step (GradScaler overflow, zero_grad(set_to_none=True))
+        start a new step; gradients changed in place since the last observe() with no optimizer step in
+        between (observe() per micro-batch under gradient accumulation) are an error.
         """
         if task is not None:
             task = str(task)
+        if self._observed and self._seen is not None and self._same_gradients(task):
+            return
         if task != self.current_task:
             self.current_task = task
         # A static mask no longer needs the EMA: skip that work once the mask is fixed.
@@ -160,6 +168,32 @@ class EvolvingIsolation:
                                                                and self.isolator.mode == "grad")):
             self.mask_gradients()
         self._observed = True
+        self._seen = (task, [(None, 0) if p.grad is None else (weakref.ref(p.grad), local(p.grad)._version)
+                             for p in self.params], self.tracker.last_finite)
+
+    def _same_gradients(self, task: Optional[str]) -> bool:
+        """Return True when observe() meets the gradients it already folded this step, False for new ones;
+        raise when they changed in place (a second fold would count them twice)."""
+        seen_task, stamps, finite = self._seen
+        changed = new = 0
+        for p, (ref, version) in zip(self.params, stamps):
+            if p.grad is None:
+                new += ref is not None
+            elif ref is not None and ref() is p.grad:
+                changed += local(p.grad)._version != version
+            else:
+                new += 1
+        if not changed and not new:
+            if task != seen_task:
+                raise ValueError(f"observe({task!r}) after observe({seen_task!r}) on the same gradients: one optimizer "
+                                 "step has one task")
+            return True
+        if not changed or not finite or self.isolator is None:
+            return False  # new gradients: the last step was skipped (an overflow, or the loop's own choice)
+        raise RuntimeError("observe() was called again in the same optimizer step after the gradients changed in "
+                           "place (another backward, clipping or an edit): call observe() once per optimizer step, "
+                           "after the last micro-batch's backward; a loop that skips optimizer.step() should clear "
+                           "the gradients with zero_grad(set_to_none=True) before the next backward")
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
