@@ -163,10 +163,16 @@ def test_install_cell_does_nothing_outside_colab(kernel_env):
     assert not list(content.iterdir()) and not pip_calls(pip_log)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS[1:-1], ids=lambda p: p.stem)
-def test_every_notebooks_first_cells_run_from_its_install_cell(path, kernel_env):
+def test_the_other_notebooks_run_all_from_their_install_cells_in_one_kernel(kernel_env):
+    """Notebooks 02-06, one after the other in one kernel (a kernel start costs more than their first cells)."""
     content, env, pip_log = kernel_env
-    install, first = notebook_cells(path)
-    probe = run_kernel([install.source, *(c.source for c in first), PROBE], content, env)
-    assert Path(probe["epi"]) == content / CLONE_FOLDER / "epi" / "__init__.py"
-    assert Path(probe["out"]) == content / CLONE_FOLDER / "artifacts" / "smoke" / path.stem
+    clone = content / CLONE_FOLDER
+    sources = []
+    for path in NOTEBOOKS[1:-1]:
+        install, first = notebook_cells(path)
+        sources += [install.source, *(c.source for c in first)]
+    probe = run_kernel([*sources, PROBE], content, env)
+    assert Path(probe["epi"]) == clone / "epi" / "__init__.py"
+    assert Path(probe["out"]) == clone / "artifacts" / "smoke" / NOTEBOOKS[-2].stem
+    assert probe["sys_path"].count(str(clone)) == 1, "a rerun of the install cell must not stack sys.path entries"
+    assert len(pip_calls(pip_log)) == len(NOTEBOOKS[1:-1])

@@ -7,13 +7,23 @@
 Only those two cells change; everything else in the file is left as it is.
 """
 import argparse
+import importlib.util
 import json
 import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from epi.colab import INSTALL_CELL, badge  # noqa: E402
+
+def _colab_module():
+    """Return epi/colab.py loaded on its own (importing the epi package would import torch: seconds)."""
+    path = Path(__file__).resolve().parents[1] / "epi" / "colab.py"
+    spec = importlib.util.spec_from_file_location("epi_colab", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+colab = _colab_module()
 
 BADGE = re.compile(r"^\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)\n?")
 
@@ -30,11 +40,11 @@ def apply(nb: dict, name: str) -> dict:
     if card["cell_type"] != "markdown":
         raise ValueError(f"{name}: the first cell must be the markdown card that carries the Colab badge")
     text = BADGE.sub("", text, count=1).lstrip("\n")
-    card["source"] = lines(f"{badge(name)}\n\n{text}")
+    card["source"] = lines(f"{colab.badge(name)}\n\n{text}")
     install = next(c for c in nb["cells"] if c["cell_type"] == "code")
     if "google.colab" not in "".join(install["source"]):
         raise ValueError(f"{name}: the first code cell must be the Colab install cell (it would be overwritten)")
-    install["source"] = lines(INSTALL_CELL)
+    install["source"] = lines(colab.INSTALL_CELL)
     return nb
 
 
