@@ -10,19 +10,34 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import platform
+import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
 from .config import EPIConfig
 from .engine import EvolvingIsolation, isolatable
 from .experiment import ExperimentConfig
+from .jsonio import write_json
 
 log = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: run folders are not locked
+    fcntl = None
+
+LOCK = "run.lock"
+
+
+class RunRefused(ValueError):
+    """The runner will not start (or reuse) a run as asked; the message says why and what to do."""
 
 
 def environment() -> dict:
@@ -92,7 +107,7 @@ class Run:
             return cfg.random_ratio
         match = self.out.parent / cfg.run_name.replace(f"-{cfg.method}-", f"-{cfg.random_match}-") / "results.json"
         if not match.exists():
-            raise ValueError(f"method 'random' needs random_ratio or a finished {cfg.random_match!r} run with the "
+            raise RunRefused(f"method 'random' needs random_ratio or a finished {cfg.random_match!r} run with the "
                              f"same protocol and seed in the same folder ({match} is missing); run it first")
         return float(json.loads(match.read_text())["protected_fraction_mean"])
 
@@ -140,13 +155,42 @@ class Run:
         key = hashlib.sha1(json.dumps(where, sort_keys=True, default=str).encode()).hexdigest()[:20]
         path = cache_root() / "start_scores" / f"{key}.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            try:
+                cached = json.loads(path.read_text())
+                if isinstance(cached, dict) and set(cached) == set(self.eval_sets) \
+                        and all(isinstance(v, dict) and "score" in v for v in cached.values()):
+                    return cached
+                reason = "does not hold the scores of these evaluation sets"
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                reason = f"is not valid JSON ({e})"
+            aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            try:
+                os.replace(path, aside)
+            except FileNotFoundError:  # a parallel run moved it first
+                pass
+            self.say(f"start-score cache {path} {reason}: moved aside to {aside.name}; rebuilt from a fresh evaluation")
         scores = self.evaluate()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel runs may write the same entry
-        tmp.write_text(json.dumps(scores))
-        tmp.replace(path)
+        write_json(path, scores, indent=None)  # atomic: parallel runs may write the same entry
         return scores
+
+    def resume_point(self) -> Optional[dict]:
+        """Return the checkpoint of this run's interrupted earlier attempt (None when there is none), read
+        safely (epi.train.read_checkpoint); refuse one that was made with other settings."""
+        from .train import CheckpointError, read_checkpoint
+        path = self.out / "checkpoint.pt"
+        if not path.exists():
+            return None
+        blob = read_checkpoint(path)
+        record = blob["extra"].get("record") if isinstance(blob["extra"], dict) else None
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            raise CheckpointError(f"checkpoint {path} holds no run record (not written by epi.runner); delete it "
+                                  "(or rerun with --fresh) to start the run over")
+        differ = differing_settings(record["config"], self.config, record.get("precision"))
+        if differ:
+            raise RunRefused(f"{self.config.run_name}: {path} is an interrupted run with other settings ({differ}); "
+                             "rerun with its settings to resume it, or with --fresh to discard it and start over")
+        return blob
 
     # ---- the run -----------------------------------------------------------------------------------
     def execute(self) -> dict:
@@ -156,6 +200,7 @@ class Run:
                             seed_everything, train_steps)
         cfg = self.config
         t0 = time.time()
+        ckpt = self.resume_point()
         torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.model, self.tokenizer = self.load_start()
@@ -172,7 +217,6 @@ class Run:
                                       batch_size=cfg.batch_size, max_length=cfg.max_length,
                                       difficulty=cfg.difficulty, source=cfg.data_source)
         ckpt_path = self.out / "checkpoint.pt"
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
         if ckpt is not None:
             self.method.load_state_dict(ckpt["extra"]["method"])
         record = ckpt["extra"]["record"] if ckpt is not None else None
@@ -212,7 +256,7 @@ class Run:
         data = StepData(self.batchers, schedule)
         state = LoopState()
         if ckpt is not None:
-            state, _ = load_checkpoint(ckpt_path, model=self.model, optimizer=opt, engine=self.engine,
+            state, _ = load_checkpoint(ckpt, model=self.model, optimizer=opt, engine=self.engine,
                                        scaler=scaler)
             self.say(f"resumed {cfg.run_name} at step {state.step}/{len(schedule)}")
         plugins = self.method.plugins(self)
@@ -279,6 +323,11 @@ class Run:
         last = record["evals"][-cfg.eval_last:]
         record["final_scores"] = {t: sum(e["scores"][t]["score"] for e in last) / len(last) for t in cfg.tasks}
         record["final_losses"] = {t: record["stage_scores"][-1][t]["loss"] for t in cfg.tasks}
+        diverged = sum(not math.isfinite(x) for x in record["losses"])
+        if diverged:  # results.json writes them as null (epi.jsonio): say so rather than leave it to be found
+            record["nonfinite_losses"] = diverged
+            self.say(f"warning: {cfg.run_name}: {diverged} of {len(record['losses'])} training losses are not finite "
+                     f"(training diverged at lr={cfg.lr}); they are written as null")
         pf = record["protected_fraction"]
         record["protected_fraction_mean"] = sum(pf) / len(pf) if pf else 0.0
         record["drift"] = self.engine.history if self.engine is not None else []
@@ -291,27 +340,128 @@ class Run:
         return record
 
 
-def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable[[str], None] = log.info) -> dict:
-    """Run (or resume, or skip if finished) one experiment; return its results record."""
-    out = Path(out_root) / config.run_name
-    results = out / "results.json"
-    if results.exists():
+def output_folder(out_root: str | Path) -> Path:
+    """Return `out_root` as a Path once it is a folder this process can write (created when missing)."""
+    root = Path(out_root)
+    if root.exists() and not root.is_dir():
+        raise RunRefused(f"the output folder {root} is a file; give --out a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunRefused(f"cannot create the output folder {root}: {e.strerror or e}; give --out a writable folder") \
+            from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise RunRefused(f"the output folder {root} is not writable; give --out a writable folder")
+    return root
+
+
+def _lock_holder(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@contextmanager
+def run_lock(folder: Path, say: Callable[[str], None] = log.info) -> Iterator[None]:
+    """Own run `folder` for the block: one process at a time, or RunRefused naming the other process.
+
+    The lock is an OS file lock (flock) on `folder/run.lock`, so it is released when its process ends, even
+    by SIGKILL; the file names the holder (pid, host, start) for the message, and a file left behind by a
+    process that has ended is taken over with a log line. Without fcntl (Windows) nothing is locked."""
+    folder = Path(folder)
+    if fcntl is None:
+        yield
+        return
+    path = folder / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            h = _lock_holder(path)
+            raise RunRefused(f"the run folder {folder} is in use by pid {h.get('pid', '?')} on {h.get('host', '?')} "
+                             f"(since {h.get('started', '?')}; lock {path}): wait for that run to end or stop it; two "
+                             "processes in one run folder would overwrite each other's checkpoint") from None
+        try:  # the holder may have removed the file between our open and flock: lock the file that is there
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    left = _lock_holder(path)
+    if left:
+        say(f"{folder.name}: taking over the lock of pid {left.get('pid', '?')} on {left.get('host', '?')} "
+            f"(since {left.get('started', '?')}); that process has ended")
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding it: a waiting opener then retries on a new file
+        os.close(fd)
+
+
+def discard(out: Path, say: Callable[[str], None] = log.info) -> None:
+    """Delete what an earlier attempt of the run in `out` left (results, checkpoints, snapshots)."""
+    gone = [p for p in (out / "results.json", out / "checkpoint.pt", out / "checkpoint.tmp", out / "snapshots.npz",
+                        *sorted(out.glob("*/checkpoint.pt")), *sorted(out.glob("*/checkpoint.tmp"))) if p.exists()]
+    for p in gone:
+        p.unlink()
+    if gone:
+        say(f"{out.name}: fresh start, discarded {', '.join(str(p.relative_to(out)) for p in gone)}")
+
+
+def finished_record(config: ExperimentConfig, out: Path) -> Optional[dict]:
+    """Return the results record of `config`'s finished run in run folder `out` (None when there is none);
+    refuse a record that cannot be read or that was made with other settings."""
+    results = Path(out) / "results.json"
+    if not results.exists():
+        return None
+    try:
         record = json.loads(results.read_text())
-        check_same_settings(record["config"], config, record.get("precision"))
-        say(f"{config.run_name}: already finished ({results})")
-        return record
-    out.mkdir(parents=True, exist_ok=True)
-    run = Run(config, out, say)
-    if config.method == "random":
-        run.random_ratio()  # fail before training when the matched run is missing
-    if config.protocol == "reference":
-        record = run_references(config, out, say)
-    else:
-        record = run.execute()
-    tmp = results.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=float))
-    tmp.replace(results)
-    (out / "checkpoint.pt").unlink(missing_ok=True)
+        stored = record["config"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunRefused(f"{results} is not a readable results record ({type(e).__name__}: {e}); delete it (or rerun "
+                         f"with --fresh) to run {config.run_name} again") from None
+    differ = differing_settings(stored, config, record.get("precision"))
+    if differ:
+        raise RunRefused(f"{config.run_name}: the folder holds a finished run with other settings ({differ}) in "
+                         f"{results}; use another output folder, delete that run, or rerun with --fresh to replace it")
+    return record
+
+
+def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable[[str], None] = log.info,
+                   fresh: bool = False) -> dict:
+    """Run (or resume, or reuse if finished) one experiment; return its results record.
+
+    The run folder is owned by this process while it runs (`run_lock`); a finished or interrupted run in it
+    is reused only with the same settings (threads, checkpoint_every and device may differ); fresh=True
+    discards what an earlier attempt left and starts over."""
+    out = output_folder(out_root) / config.run_name
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        raise RunRefused(f"cannot create the run folder {out}: {e.strerror or e}") from None
+    with run_lock(out, say):
+        if fresh:
+            discard(out, say)
+        record = finished_record(config, out)
+        if record is not None:
+            say(f"{config.run_name}: already finished ({out / 'results.json'})")
+            return record
+        run = Run(config, out, say)
+        if config.method == "random":
+            run.random_ratio()  # fail before training when the matched run is missing
+        if config.protocol == "reference":
+            record = run_references(config, out, say)
+        else:
+            record = run.execute()
+        write_json(out / "results.json", record)
+        (out / "checkpoint.pt").unlink(missing_ok=True)
     return record
 
 
@@ -319,9 +469,9 @@ def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable
 NOT_SETTINGS = ("threads", "checkpoint_every", "device")
 
 
-def check_same_settings(stored: dict, config: ExperimentConfig, stored_precision: Optional[str] = None) -> None:
-    """Raise when a finished run in the folder was made with other settings than `config` (a field the
-    stored record lacks predates that field and counts as its default).
+def differing_settings(stored: dict, config: ExperimentConfig, stored_precision: Optional[str] = None) -> str:
+    """Return "k=stored vs current, ..." for the settings in which a stored run's config differs from
+    `config` ("" when none; a field the stored config lacks predates that field and counts as its default).
 
     The precision is compared as resolved: the record's own "precision" (`stored_precision`) against what
     `config` resolves to here, so "auto" on CPU (fp32) equals a record made before the setting existed,
@@ -333,10 +483,15 @@ def check_same_settings(stored: dict, config: ExperimentConfig, stored_precision
     current["precision"] = resolve_precision(config.precision, resolve_device(config.device))
     differ = [k for k, v in current.items() if k not in NOT_SETTINGS
               and stored.get(k, defaults.get(k, v)) != (list(v) if isinstance(v, tuple) else v)]
+    return ", ".join(f"{k}={stored.get(k, defaults.get(k))!r} vs {current[k]!r}" for k in differ)
+
+
+def check_same_settings(stored: dict, config: ExperimentConfig, stored_precision: Optional[str] = None) -> None:
+    """Raise RunRefused when a finished run's stored config differs from `config` (see differing_settings)."""
+    differ = differing_settings(stored, config, stored_precision)
     if differ:
-        raise ValueError(f"{config.run_name}: the folder holds a finished run with other settings "
-                         f"({', '.join(f'{k}={stored.get(k)!r} vs {current[k]!r}' for k in differ)}); "
-                         "use another output folder or delete that run")
+        raise RunRefused(f"{config.run_name}: the folder holds a finished run with other settings ({differ}); "
+                         "use another output folder, delete that run, or rerun with --fresh to replace it")
 
 
 def _grid_worker(args) -> str:
@@ -353,9 +508,19 @@ def run_grid(configs: List[ExperimentConfig], out_root: str | Path, workers: int
     Base models are built first, one per seed, so parallel workers never race to build the same one.
     """
     from .base import ensure_base
-    for cfg in {(c.seed, c.base_steps, c.model): c for c in configs if c.model == "tiny-base"}.values():
+    root = output_folder(out_root)
+    names: Dict[str, dict] = {}
+    for c in configs:  # one folder per run name: two settings under one name would overwrite each other
+        first, this = names.setdefault(c.run_name, c.to_dict()), c.to_dict()
+        differ = [k for k in this if k not in NOT_SETTINGS and first[k] != this[k]]
+        if differ:
+            raise RunRefused(f"two runs of the grid share the folder {c.run_name} with different settings "
+                             f"({', '.join(f'{k}={first[k]!r} vs {this[k]!r}' for k in differ)}); "
+                             "give them separate output folders")
+    # finished runs are reused only with the same settings: checked for all before anything runs
+    todo = [c for c in configs if finished_record(c, root / c.run_name) is None]
+    for cfg in {(c.seed, c.base_steps, c.model): c for c in todo if c.model == "tiny-base"}.values():
         ensure_base(cfg)
-    todo = [c for c in configs if not (Path(out_root) / c.run_name / "results.json").exists()]
     ordered = sorted(todo, key=lambda c: c.method == "random")  # matched controls after what they match
     if workers > 1 and len(ordered) > 1:
         import multiprocessing as mp
@@ -363,12 +528,12 @@ def run_grid(configs: List[ExperimentConfig], out_root: str | Path, workers: int
         rest = [c for c in ordered if c.method == "random"]
         with mp.get_context("spawn").Pool(workers) as pool:
             for batch in (first, rest):
-                for line in pool.imap_unordered(_grid_worker, [(c, out_root) for c in batch]):
+                for line in pool.imap_unordered(_grid_worker, [(c, root) for c in batch]):
                     say(line)
     else:
         for c in ordered:
-            say(_grid_worker((c, out_root)))
-    return [json.loads((Path(out_root) / c.run_name / "results.json").read_text()) for c in configs]
+            say(_grid_worker((c, root)))
+    return [json.loads((root / c.run_name / "results.json").read_text()) for c in configs]
 
 
 def run_references(config: ExperimentConfig, out: Path, say) -> dict:
