@@ -160,6 +160,24 @@ def test_twenty_looping_tests_stop_at_the_per_candidate_budget():
         assert default_budget.run(slow_first, tests) == [False] + [True] * 19
 
 
+def test_interrupted_job_leaves_no_stale_answers_for_the_next_candidate():
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    slow_first = "def f(x):\n    while x == 0:\n        pass\n    return x"
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with Sandbox(timeout=1.0) as box:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)     # Ctrl-C while the worker is on test 0
+            with pytest.raises(KeyboardInterrupt):
+                box.run(slow_first, [[[0], 0], [[1], 1], [[2], 2]])
+            # the interrupted job's "0 1 1" must not be read as this candidate's answers
+            assert box.run("def f(x): return -x", [[[1], 1], [[2], 2], [[3], -3]]) == [False, False, True]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_worker_that_cannot_start_is_an_error_not_a_zero_score():
     with Sandbox(memory_mb=1) as starved:                # dies before it can say "ready"
         with pytest.raises(RuntimeError, match="memory_mb=1"):

@@ -349,22 +349,26 @@ class Sandbox:
                 from None
         with self._lock:
             proc = self._worker()
-            try:
-                proc.stdin.write(job.encode())
-            except BrokenPipeError:
-                self._kill()
-                proc = self._worker()
-                proc.stdin.write(job.encode())
             results: list[bool] = []
-            spent = time.monotonic() + self.budget + self.grace
-            for _ in tests:
-                line = self._readline(min(time.monotonic() + self.timeout + self.grace, spent))
-                if line is None:              # hung in C code or died: fail the rest, start afresh
-                    logger.debug("sandbox worker stopped responding; restarting it")
+            try:
+                try:
+                    proc.stdin.write(job.encode())
+                except BrokenPipeError:
                     self._kill()
-                    self.restarts += 1
-                    break
-                results.append(line == "1")
+                    proc = self._worker()
+                    proc.stdin.write(job.encode())
+                spent = time.monotonic() + self.budget + self.grace
+                for _ in tests:
+                    line = self._readline(min(time.monotonic() + self.timeout + self.grace, spent))
+                    if line is None:          # hung in C code or died: fail the rest, start afresh
+                        logger.debug("sandbox worker stopped responding; restarting it")
+                        self._kill()
+                        self.restarts += 1
+                        break
+                    results.append(line == "1")
+            except BaseException:             # e.g. Ctrl-C: the job's late answers would be read as
+                self._kill()                  # the next candidate's, so its worker goes with it
+                raise
         return results + [False] * (len(tests) - len(results))
 
     def pass_rate(self, source: str, tests: Sequence[Sequence]) -> float:
