@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -22,6 +22,9 @@ from .isolation import Isolator
 from .masks import index_overlap, mask_overlap, random_masks, spearman, top_p_masks
 
 log = logging.getLogger(__name__)
+
+# How to treat a bad step, not what was learned: these may change when a saved state is loaded.
+_POLICY_FIELDS = ("check_finite", "nonfinite")
 
 _BLOCK = re.compile(r"(^|\.)(layers|h|blocks|block|decoder\.layers|encoder\.layers)\.\d+\.")
 _NORM = re.compile(r"norm|ln_|layernorm", re.IGNORECASE)
@@ -459,10 +462,13 @@ class EvolvingIsolation:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if list(state["names"]) != self.names:
-            raise ValueError("load_state_dict: the checkpoint's isolatable tensors differ from this model's")
-        self.config = EPIConfig.from_dict(state["config"])
-        self.tracker.config = self.config
+        """Restore a state_dict() saved by an engine over the same tensors with the same config.
+
+        Raises ValueError naming what differs: missing entries, tensor names, shapes (by tensor name) or
+        config fields. The engine keeps its own config; only the policy for bad steps (check_finite,
+        nonfinite) may differ, so a run stopped by a non-finite step can resume with nonfinite="skip".
+        """
+        self._check_state(state)
         self.step = int(state["step"])
         self.current_task = state["current_task"]
         self.tracker.load_state_dict(state["tracker"])
@@ -474,3 +480,42 @@ class EvolvingIsolation:
         self.sets = {k: [m.to(d) for m, d in zip(v, devs)] for k, v in state["sets"].items()}
         self._active_cache.clear()
         self._active_version += 1
+
+    def _check_state(self, state: dict) -> None:
+        missing = [k for k in ("config", "names", "step", "current_task", "tracker", "sets", "first", "sample_prev",
+                               "history", "forced") if k not in state]
+        if missing:
+            raise ValueError(f"load_state_dict: not an EvolvingIsolation state_dict (missing {missing})")
+        if list(state["names"]) != self.names:
+            extra = sorted(set(state["names"]) - set(self.names))[:3]
+            absent = sorted(set(self.names) - set(state["names"]))[:3]
+            raise ValueError(f"load_state_dict: the state's isolatable tensors differ from this model's (only in the "
+                             f"state: {extra}, only here: {absent}, or another order): it comes from another model or "
+                             "another targets/include_* setting")
+        saved = {f.name: f.default for f in fields(EPIConfig)}
+        unknown = sorted(set(state["config"]) - set(saved))
+        if unknown:
+            raise ValueError(f"load_state_dict: the state's config has field(s) {unknown} this version does not know")
+        saved.update(state["config"])
+        differ = [f"{f.name}={saved[f.name]!r} in the state, {getattr(self.config, f.name)!r} here"
+                  for f in fields(EPIConfig) if f.name not in _POLICY_FIELDS
+                  and saved[f.name] != getattr(self.config, f.name)]
+        if differ:
+            raise ValueError(f"load_state_dict: the state was saved with another EPIConfig ({'; '.join(differ)}): build "
+                             "this engine with EPIConfig.from_dict(state['config']) to resume that run")
+        shapes = []  # (name, shape in the state, shape here)
+        for bufs in list(state["tracker"]["buffers"].values()) + [state["tracker"].get("theta0") or []]:
+            shapes += [(n, tuple(b.shape), tuple(local(p).shape)) for n, b, p in zip(self.names, bufs, self.params)]
+        for sets in (state["sets"], state["first"]):
+            for masks in sets.values():
+                for n, m, p in zip(self.names, masks, self.params):
+                    here = tuple(local(p).shape)
+                    if m.dtype == torch.bool:
+                        shapes.append((n, tuple(m.shape), here))
+                    elif m.numel() and int(m.max()) >= local(p).numel():  # int32 indices must fit the tensor
+                        shapes.append((n, f"indices up to {int(m.max())}", here))
+        bad = list(dict.fromkeys((n, a, b) for n, a, b in shapes if a != b))
+        if bad:
+            listed = ", ".join(f"{n} {a} in the state vs {b} here" for n, a, b in bad[:3])
+            raise ValueError(f"load_state_dict: the state comes from a model with other tensor shapes: {listed}"
+                             f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}")
