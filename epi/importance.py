@@ -3,6 +3,12 @@
 Hot path: lists of aligned tensors (params / grads / buffers) and torch._foreach_* kernels under
 no_grad — no per-parameter Python work beyond building the lists, no host sync except the optional
 finite-gradient check (one `.item()` per step).
+
+bfloat16 importance (the lean mode) is updated in float32 and stored by stochastic rounding. Rounded to
+nearest, an update smaller than half a bfloat16 step (2^-9 of the value) is lost: at β = 0.999 the EMA
+stuck at 0.25 after 3,000 steps of g = 1 and stayed there through 2,000 steps of g = 0 (float32: 0.95 →
+0.13). Stochastic rounding is unbiased, so the EMA follows float32 on average at every β; the noise comes
+from a generator seeded with config.seed and saved in state_dict(), so a resumed run stays bit-identical.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import torch
 from .config import EPIConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_CHUNK = 1 << 22  # elements per float32 scratch chunk of the bfloat16 update (16 MiB + 16 MiB of noise)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -32,6 +39,7 @@ class ImportanceTracker:
         self.skipped_steps = 0
         self.last_finite = True
         self.theta0: Optional[List[torch.Tensor]] = None
+        self.rng: Dict[str, torch.Generator] = {}  # per device: stochastic rounding of bfloat16 importance
         if config.score == "delta":
             self.theta0 = [local(p).detach().clone() for p in self.params]
 
@@ -79,7 +87,10 @@ class ImportanceTracker:
         g = [grads[i] for i in idx]
         w = 1.0 - self.config.beta
         score = self.config.score
-        if score == "fisher" and all(x.dtype == t.dtype for x, t in zip(g, imp)):
+        if self.dtype == torch.bfloat16:
+            for i, b, x in zip(idx, imp, g):
+                self._update_rounded(i, b, x)
+        elif score == "fisher" and all(x.dtype == t.dtype for x, t in zip(g, imp)):
             torch._foreach_mul_(imp, self.config.beta)
             torch._foreach_addcmul_(imp, g, g, value=w)  # no temporary list
         else:
@@ -100,10 +111,44 @@ class ImportanceTracker:
         self.updates[self.key(task)] += 1
         return True
 
+    @torch.no_grad()
+    def _update_rounded(self, i: int, buf: torch.Tensor, grad: torch.Tensor) -> None:
+        """Fold one tensor's score into its bfloat16 buffer: float32 EMA, then stochastic rounding.
+
+        Works chunk by chunk, so the float32 scratch never exceeds _CHUNK elements whatever the tensor size.
+        """
+        beta, w, score = self.config.beta, 1.0 - self.config.beta, self.config.score
+        dst, g = buf.view(-1), grad.reshape(-1)
+        theta = local(self.params[i]).detach().reshape(-1) if score in ("taylor", "delta") else None
+        rng = self._generator(buf.device)
+        for lo in range(0, dst.numel(), _CHUNK):
+            hi = min(lo + _CHUNK, dst.numel())
+            x = dst[lo:hi].float()
+            gs = g[lo:hi].float()
+            if score == "fisher":
+                x.mul_(beta).addcmul_(gs, gs, value=w)
+            else:
+                s = (gs.abs() if score == "grad" else (gs * theta[lo:hi]).abs_() if score == "taylor"
+                     else (theta[lo:hi].float() - self.theta0[i].reshape(-1)[lo:hi]).abs_())
+                x.mul_(beta).add_(s, alpha=w)
+            # Adding uniform noise below the kept 16 bits, then truncating, rounds up with probability equal
+            # to the dropped fraction: unbiased. Importance is >= 0, so the int32 view is monotone.
+            bits = x.view(torch.int32)
+            bits.add_(torch.randint(0, 1 << 16, bits.shape, generator=rng, device=bits.device, dtype=torch.int32))
+            bits.bitwise_and_(-(1 << 16))
+            dst[lo:hi].copy_(x)  # exact: x now holds a bfloat16 value
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self.rng:
+            self.rng[key] = torch.Generator(device=device).manual_seed(self.config.seed)
+        return self.rng[key]
+
     def state_dict(self) -> dict:
         return {"buffers": {k: [b.clone() for b in v] for k, v in self.buffers.items()},
                 "updates": dict(self.updates), "skipped_steps": self.skipped_steps,
-                "theta0": None if self.theta0 is None else [t.clone() for t in self.theta0]}
+                "theta0": None if self.theta0 is None else [t.clone() for t in self.theta0],
+                "rng": {k: g.get_state() for k, g in self.rng.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffers = {k: [b.clone().to(local(p).device) for b, p in zip(v, self.params)]
@@ -112,3 +157,8 @@ class ImportanceTracker:
         self.skipped_steps = int(state["skipped_steps"])
         if state.get("theta0") is not None:
             self.theta0 = [t.clone().to(local(p).device) for t, p in zip(state["theta0"], self.params)]
+        self.rng = {}
+        for key, rng_state in state.get("rng", {}).items():
+            device = local(self.params[0]).device if self.params else torch.device("cpu")
+            if torch.device(key).type == device.type:  # a generator state only fits its own device type
+                self._generator(device).set_state(rng_state)
