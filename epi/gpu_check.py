@@ -68,7 +68,7 @@ class Plan:
     grad_accum: int = 4
     trainer_refresh_every: int = 8
     trainer_warmup: int = 4
-    notebook_steps: int = 12
+    notebook_steps: int = 24  # plan(): the gpu profile's warm-up (20) + 4 isolated steps per EPI method
     notebook_eval: int = 4
     notebook_new_tokens: int = 32
     estimates_s: Dict[str, float] = field(default_factory=dict)  # part -> seconds it needs at most, expected
@@ -94,10 +94,12 @@ def plan(device: str = "cuda", shapes: Optional[Sequence[str]] = None, budget_s:
     elif device == "cpu":
         p = Plan(device="cpu", shapes=("qwen2-tiny",), budget_s=240.0, reps=3, batch=2, seq=32,
                  model_shape="qwen2-tiny", trainer_steps=8, trainer_micro_batch=2, trainer_seq=32,
-                 trainer_refresh_every=2, trainer_warmup=2, notebook_steps=4, notebook_eval=2, notebook_new_tokens=8,
+                 trainer_refresh_every=2, trainer_warmup=2, notebook_eval=2, notebook_new_tokens=8,
                  estimates_s={"trainer": 10.0, "notebook 07": 45.0})
     else:
         raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+    from .experiment import resolve
+    p.notebook_steps = resolve("gpu").warmup_steps + 4  # fewer would end inside the warm-up: nothing protected
     if shapes:
         from .bench import SHAPES
         unknown = [s for s in shapes if s not in SHAPES]
