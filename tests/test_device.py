@@ -266,3 +266,9 @@ def test_a_notebook_refuses_a_profile_it_does_not_serve(gpu_runtime, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before any work
     with pytest.raises(ValueError, match="PROFILE must be 'auto' or one of"):
         resolve_profile("gpux")
+
+
+def test_setup_notebook_reports_the_device_and_precision_runs_use(tmp_path):
+    from epi.nb import setup_notebook
+    info = setup_notebook(0, str(tmp_path / "{profile}"), "smoke")
+    assert info["device"].startswith("cpu (") and info["precision"] == "fp32"
