@@ -20,6 +20,7 @@ QUOTAS = ("global", "per_tensor")
 MODES = ("auto", "grad", "restore")
 IMPORTANCE_DTYPES = ("float32", "bfloat16")
 MASK_FORMATS = ("bool", "index")
+NONFINITE = ("raise", "skip")
 TARGETS = ("blocks", "all")
 
 
@@ -82,7 +83,12 @@ class EPIConfig:
     score_every: fold gradients into the EMA every n optimizer steps (amortises the cost).
     spearman_sample: size of the fixed random sample of coordinates used for rank-correlation drift.
     track_first: keep the first mask (as indices) to report Jaccard to the first mask at every refresh.
-    check_finite: skip (and count) steps whose gradients hold NaN/inf when folding importance.
+    check_finite: check every gradient once per step (one host sync); a step holding NaN/inf is never folded
+        into the importance (counted in tracker.skipped_steps) and is handled at optimizer.step() by `nonfinite`.
+        False: no check — a NaN step reaches the optimizer (protected weights still stay exact in both modes).
+    nonfinite: what optimizer.step() does with a non-finite step — "raise" (default): a RuntimeError naming the
+        step, before any weight moves; "skip": drop every gradient so the step changes nothing (no update,
+        decay or moment change) and is not counted, as torch.amp.GradScaler skips overflow steps.
     isolate: False = monitor only — track importance, refresh masks and log drift, protect nothing
         (how notebook 01 measures drift under plain SFT with the same code path).
     seed: seed of the Spearman sample and of random masks.
@@ -109,6 +115,7 @@ class EPIConfig:
     spearman_sample: int = 4096
     track_first: bool = True
     check_finite: bool = True
+    nonfinite: str = "raise"
     isolate: bool = True
     seed: int = 0
 
@@ -117,7 +124,7 @@ class EPIConfig:
         # (numpy scalars from a sweep become int/float/bool, so to_dict() stays JSON-friendly).
         for name, allowed in (("score", SCORES), ("scope", SCOPES), ("normalize", NORMALIZERS), ("quota", QUOTAS),
                               ("mode", MODES), ("importance_dtype", IMPORTANCE_DTYPES),
-                              ("mask_format", MASK_FORMATS), ("targets", TARGETS)):
+                              ("mask_format", MASK_FORMATS), ("targets", TARGETS), ("nonfinite", NONFINITE)):
             _choice(name, getattr(self, name), allowed)
         for name in ("mask_grads", "include_embeddings", "include_head", "include_norms", "track_first",
                      "check_finite", "isolate"):

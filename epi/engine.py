@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .config import EPIConfig
-from .importance import ImportanceTracker, local
+from .importance import ImportanceTracker, all_finite, local
 from .isolation import Isolator
 from .masks import index_overlap, mask_overlap, random_masks, spearman, top_p_masks
 
@@ -114,6 +114,7 @@ class EvolvingIsolation:
         self._active_cache: Dict[Optional[str], ActiveMask] = {}
         self._active_version = 0
         self._observed = False  # observe() ran since the last optimizer step
+        self._step_finite = True  # this step's gradients were all finite (or check_finite=False)
         self._seen: Optional[Tuple[Optional[str], list, bool]] = None  # (task, gradient stamps, finite) it saw
         self._forced = False  # masks set from outside (static from scores, random control)
         self._sample = self._make_sample()
@@ -164,15 +165,27 @@ class EvolvingIsolation:
             return
         if task != self.current_task:
             self.current_task = task
+        # Checked once per step over every gradient the optimizer will apply (the clip would spread a NaN to
+        # all of them); the optimizer pre-step hook refuses or skips a non-finite step (config.nonfinite).
+        self._step_finite = not self.config.check_finite or all_finite(
+            [local(p.grad) if p.grad is not None else None for p in self._stepped_params()], self.group)
         # A static mask no longer needs the EMA: skip that work once the mask is fixed.
         if self.state == "tracking" or (self.state == "isolating" and self.step % self.config.score_every == 0):
-            self.tracker.update(task)
+            self.tracker.update(task, finite=self._step_finite)
+        elif not self._step_finite:
+            self.tracker.skipped_steps += 1
         if self.config.isolate and (self.config.mask_grads or (self.isolator is not None
                                                                and self.isolator.mode == "grad")):
             self.mask_gradients()
         self._observed = True
         self._seen = (task, [(None, 0) if p.grad is None else (weakref.ref(p.grad), local(p.grad)._version)
-                             for p in self.params], self.tracker.last_finite)
+                             for p in self.params], self._step_finite)
+
+    def _stepped_params(self) -> List[torch.nn.Parameter]:
+        """Return the parameters the attached optimizer steps (unattached: the model's trainable ones)."""
+        if self.isolator is not None:
+            return self.isolator.stepped
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _same_gradients(self, task: Optional[str]) -> bool:
         """Return True when observe() meets the gradients it already folded this step, False for new ones;

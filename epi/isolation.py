@@ -57,6 +57,8 @@ class Isolator:
         self.mode = resolve_mode(cfg.mode, optimizer, cfg.scope, cfg.mask_format, cfg.isolate)
         self.coupled_decay = isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW)
         self._stash: Optional[List[torch.Tensor]] = None
+        self._skipped = False  # this step's gradients were dropped (nonfinite="skip"): the step did not happen
+        self.stepped = list({id(p): p for g in optimizer.param_groups for p in g["params"]}.values())
         self._applied_version = None  # which active mask the moments were last cleaned for
         ids = {id(p): i for i, p in enumerate(engine.params)}
         self._slot = ids
@@ -86,9 +88,16 @@ class Isolator:
         eng = self.engine
         if not eng._observed:
             eng.observe(eng.current_task)
-        if self.mode == "monitor":
+        if self.mode == "monitor":  # protects nothing, so it leaves every step (finite or not) to the optimizer
+            return
+        if not eng._step_finite:
+            self._refuse_nonfinite()
             return
         active = eng.active()
+        if self.mode == "grad" and not eng.config.check_finite and eng.config.isolate:
+            # Unchecked steps may carry NaN into protected gradients after observe() (a clip multiplies every
+            # gradient by a NaN norm): zero them again, so their Adam update and decay stay exactly 0.
+            eng.mask_gradients()
         if self.mode == "grad":
             if active is not None and self._applied_version != eng._active_version:
                 self._clean_moments(active)
@@ -98,9 +107,26 @@ class Isolator:
             self._stash = [local(p).reshape(-1).index_select(0, idx) if idx.numel() else None
                            for p, idx in zip(eng.params, active.index)]
 
+    def _refuse_nonfinite(self) -> None:
+        """Raise (nonfinite="raise") or drop every gradient so that step() changes nothing ("skip")."""
+        eng = self.engine
+        if eng.config.nonfinite == "raise":
+            raise RuntimeError(f"non-finite gradient (NaN or inf) at step {eng.step}: the optimizer step was refused "
+                               "before any weight moved. Lower the learning rate or check the loss and data; to skip "
+                               "such steps as torch.amp.GradScaler does, set EPIConfig(nonfinite='skip')")
+        # A zero gradient would still move weights (momentum, weight decay); torch optimizers skip a parameter
+        # whose grad is None entirely: no update, no decay, no moment or step-count change.
+        for p in self.stepped:
+            p.grad = None
+        self._skipped = True
+
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:
         eng = self.engine
+        if self._skipped:  # like a step GradScaler skipped: not counted, no refresh
+            self._skipped = False
+            eng._observed = False
+            return
         if self._stash is not None:
             for p, idx, vals in zip(eng.params, eng.active().index, self._stash):
                 if vals is not None:
