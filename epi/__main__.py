@@ -25,39 +25,75 @@ def _bench(args) -> int:
 
 
 def parse_sets(items) -> dict:
-    """Return {key: value} from KEY=VALUE strings (values parsed as JSON when they are JSON)."""
-    out = {}
+    """Return {key: value} from KEY=VALUE strings: a value is parsed as JSON when it is JSON (numbers,
+    true/false, null, lists), else kept as text; a list setting (tasks, train_tasks) also takes
+    comma-separated names. A malformed item, or one key given twice with two values, raises ValueError."""
+    from .experiment import LIST_SETTINGS
+    out: dict = {}
     for item in items or []:
-        key, _, value = item.partition("=")
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         try:
-            out[key] = json.loads(value)
+            value = json.loads(text)
         except json.JSONDecodeError:
-            out[key] = value
+            value = text
+        if key in LIST_SETTINGS and isinstance(value, str):
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        if key in out and out[key] != value:
+            raise ValueError(f"--set {key} is given twice ({out[key]!r} and {value!r}); give it once")
+        out[key] = value
     return out
+
+
+# run settings that also have their own flag; a flag and a --set of the same setting must agree
+FLAGS = {"protocol": "--protocol", "method": "--method", "seed": "--seed", "tasks": "--tasks",
+         "train_tasks": "--train-tasks"}
 
 
 def _overrides(args) -> dict:
+    """Return the run settings the command line gives: --set items and the flags (which must agree)."""
+    from .experiment import LIST_SETTINGS
     out = parse_sets(args.set)
-    for key in ("protocol", "seed", "method"):
-        if getattr(args, key, None) is not None:
-            out[key] = getattr(args, key)
-    if getattr(args, "tasks", None):
-        out["tasks"] = args.tasks.split(",")
-    if getattr(args, "train_tasks", None):
-        out["train_tasks"] = args.train_tasks.split(",")
+    for key, flag in FLAGS.items():
+        given = getattr(args, key, None)
+        if given is None:
+            continue  # not given: a --set of it (or the profile's value) stands
+        value = [name.strip() for name in given.split(",") if name.strip()] if key in LIST_SETTINGS else given
+        if key in out and out[key] != value:
+            raise ValueError(f"{flag} {given} and --set {key}={_text(out[key])} disagree; give the setting once")
+        out[key] = value
     return out
+
+
+def _text(value) -> str:
+    """Return a setting as a command line writes it (names comma-separated, JSON otherwise)."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _refuse(message: str) -> int:
+    """Print a one-line error (the message's whitespace folded) and return the usage-error exit code."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    return 2
 
 
 def _run(args) -> int:
     from .experiment import resolve
-    from .runner import run_experiment
+    from .runner import RunRefused, output_folder, run_experiment
+    from .train import CheckpointError
     try:
         config = resolve(args.profile, **_overrides(args))
     except ValueError as e:
-        print(f"error: invalid run configuration: {e}", file=sys.stderr)
-        return 2
-    print(f"run {config.run_name} · profile {config.profile} · out {args.out}")
-    record = run_experiment(config, args.out, say=print)
+        return _refuse(f"invalid run configuration: {e}")
+    try:
+        output_folder(args.out)
+        print(f"run {config.run_name} · profile {config.profile} · out {args.out}")
+        record = run_experiment(config, args.out, say=print, fresh=args.fresh)
+    except (RunRefused, CheckpointError) as e:
+        return _refuse(str(e))
     scores = " ".join(f"{t}={v:.2f}" for t, v in record["final_scores"].items())
     print(f"done {config.run_name} in {record['wall_s']} s · final {scores}")
     return 0
@@ -65,26 +101,41 @@ def _run(args) -> int:
 
 def _grid(args) -> int:
     from .experiment import resolve
-    from .methods import METHODS
-    from .runner import run_grid
-    methods = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
+    from .methods import METHODS, MIX_ONLY
+    from .runner import RunRefused, output_folder, run_grid
+    from .train import CheckpointError
+    methods = sorted(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
-        configs = [resolve(args.profile, method=m, seed=s, **_overrides(args)) for s in args.seeds for m in methods
-                   if not (m in ("sequential", "multi_stage", "multi_stage_heuristic") and args.protocol not in (None, "mix"))]
+        overrides = _overrides(args)
+        given = sorted({"method", "seed"} & set(overrides))
+        if given:
+            raise ValueError(f"--set {given[0]}=... in a grid: give methods with --methods and seeds with --seeds")
+        configs = [resolve(args.profile, method=m, seed=s, **overrides) for s in args.seeds for m in methods
+                   if not (m in MIX_ONLY and overrides.get("protocol", "mix") != "mix")]
         if args.references:
-            configs += [resolve(args.profile, method="full_sft", seed=s, **{**_overrides(args), "protocol": "reference"})
+            configs += [resolve(args.profile, method="full_sft", seed=s, **{**overrides, "protocol": "reference"})
                         for s in args.seeds]
     except ValueError as e:
-        print(f"error: invalid run configuration: {e}", file=sys.stderr)
-        return 2
-    print(f"grid: {len(configs)} runs · profile {args.profile} · {args.workers} worker(s) · out {args.out}", flush=True)
-    run_grid(configs, args.out, workers=args.workers, say=lambda m: print(m, flush=True))
+        return _refuse(f"invalid run configuration: {e}")
+    try:
+        output_folder(args.out)
+        print(f"grid: {len(configs)} runs · profile {args.profile} · {args.workers} worker(s) · out {args.out}",
+              flush=True)
+        run_grid(configs, args.out, workers=args.workers, say=lambda m: print(m, flush=True))
+    except (RunRefused, CheckpointError) as e:
+        return _refuse(str(e))
     return 0
 
 
 def _compare(args) -> int:
+    import logging
+
     from .compare import compare, summary_table, write_summary
-    df = compare(args.root)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")  # skipped files, unpooled runs
+    try:
+        df = compare(args.root)
+    except FileNotFoundError as e:
+        return _refuse(str(e))
     print(summary_table(df))
     if args.out:
         write_summary(df, args.out, f"python -m epi compare {args.root} --out {args.out}")
@@ -148,14 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
 
     run = sub.add_parser("run", help="run one experiment (resumes from its checkpoint when restarted)")
-    run.add_argument("--method", default="full_sft")
+    run.add_argument("--method", default=None, help="default: the profile's (full_sft)")
     run.add_argument("--profile", default="cpu")
     run.add_argument("--protocol", default=None)
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=None, help="default: 0")
     run.add_argument("--tasks", default=None, help="comma-separated task names")
     run.add_argument("--train-tasks", dest="train_tasks", default=None, help="forgetting protocol: tasks trained")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any experiment setting")
     run.add_argument("--out", default="artifacts/runs")
+    run.add_argument("--fresh", action="store_true",
+                     help="discard what an earlier attempt of this run left in --out (checkpoint, results) and start over")
     run.set_defaults(func=_run)
 
     g = sub.add_parser("grid", help="run methods × seeds (finished runs are reused), in parallel workers")

@@ -12,10 +12,41 @@ from the profile's base model — `tiny-base` on CPU, a pretrained LLM elsewhere
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Dict, List, Optional
 
 PROTOCOLS = ("mix", "forgetting", "sequential", "reference")
+# what each annotated type of a setting accepts (checked for every field, before any range check)
+_KINDS = {"int": "an int", "float": "a finite number", "bool": "true or false", "str": "a non-empty string",
+          "List[str]": "a list of names (on the command line: comma-separated)"}
+
+
+def _check_type(name: str, kind: str, value) -> None:
+    """Raise a ValueError naming `name` when `value` is not of the annotated type `kind` ("Optional[float]", ...)."""
+    optional = kind.startswith("Optional[")
+    base = kind[len("Optional["):-1] if optional else kind
+    if value is None and optional:
+        return
+    if base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif base == "str":
+        ok = isinstance(value, str) and value.strip() != ""
+    elif base == "List[str]":
+        ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+    else:
+        return  # a type without a rule here: the field's own check below
+    if not ok:
+        raise ValueError(f"{name} must be {_KINDS[base]}{' or null' if optional else ''}, got {value!r}")
+
+
+def _choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 @dataclass
@@ -69,11 +100,39 @@ class ExperimentConfig:
     checkpoint_every: int = 200             # steps between resumable checkpoints (0 = never)
 
     def __post_init__(self) -> None:
-        from .methods import METHODS  # late import: methods imports this module
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        """Validate every setting (type, range, finiteness, choice), naming the field and what it allows,
+        so that a bad value fails here, before any model, data or folder is built."""
+        from .device import PRECISIONS, check_device
+        from .methods import METHODS, MIX_ONLY  # late import: methods imports this module
+        from .tasks import ABILITIES, REAL_TASKS
+        from .tasks.synthetic import DIFFICULTIES
+        if isinstance(self.tasks, tuple):
+            self.tasks = list(self.tasks)
+        if isinstance(self.train_tasks, tuple):
+            self.train_tasks = list(self.train_tasks)
+        for f in fields(self):
+            _check_type(f.name, f.type, getattr(self, f.name))
+            if f.type in ("float", "Optional[float]") and isinstance(getattr(self, f.name), int):
+                setattr(self, f.name, float(getattr(self, f.name)))  # 1 and 1.0 are one setting
+        _choice("profile", self.profile, tuple(PROFILES))
+        _choice("protocol", self.protocol, PROTOCOLS)
+        _choice("method", self.method, tuple(sorted(METHODS)))
+        _choice("random_match", self.random_match, tuple(sorted(METHODS)))
+        _choice("difficulty", self.difficulty, DIFFICULTIES)
+        _choice("precision", self.precision, PRECISIONS)
+        if self.method in MIX_ONLY and self.protocol != "mix":
+            raise ValueError(f"method {self.method!r} defines a staging of the mix; it does not apply to protocol "
+                             f"{self.protocol!r}")
+        if self.protocol == "reference" and self.method != "full_sft":
+            raise ValueError(f"protocol 'reference' trains each task alone with full_sft, got method {self.method!r}")
+        known_tasks = ABILITIES + tuple(REAL_TASKS)
+        for name in ("tasks", "train_tasks"):
+            names = getattr(self, name)
+            unknown = [t for t in names if t not in known_tasks]
+            if unknown:
+                raise ValueError(f"{name}: unknown task(s) {unknown}; known tasks: {', '.join(known_tasks)}")
+            if len(set(names)) != len(names):
+                raise ValueError(f"{name} must not repeat a task, got {names}")
         if not self.tasks:
             raise ValueError("tasks must name at least one task")
         if self.protocol == "sequential" and len(self.tasks) != 2:
@@ -85,23 +144,38 @@ class ExperimentConfig:
                                  f"got {self.train_tasks}")
         for name in ("steps_per_task", "batch_size", "max_length", "train_records", "eval_records",
                      "eval_last", "stages_k", "probe_steps", "base_steps", "base_batch_size", "threads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "refresh_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+            if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        for name in ("lr", "base_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "ewc_lambda", "clip"):  # clip 0 = no clipping; < 0 would ascend
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 < self.ratio < 1:
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio!r}")
+        if self.random_ratio is not None and not 0 < self.random_ratio < 1:
+            raise ValueError(f"random_ratio must be in (0, 1) or null, got {self.random_ratio!r}")
         if not 0 <= self.replay_fraction < 1:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
-        if self.random_ratio is not None and not 0 < self.random_ratio < 1:
-            raise ValueError(f"random_ratio must be in (0, 1) or None, got {self.random_ratio!r}")
-        if self.lr <= 0 or self.base_lr <= 0:
-            raise ValueError(f"lr and base_lr must be > 0, got {self.lr!r}, {self.base_lr!r}")
-        from .device import PRECISIONS, check_device
+        for name in ("group_tau", "slerp_weight"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         check_device(self.device)  # cuda without CUDA fails here, before anything is built
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self.epi_config()  # the engine's own checks (beta, score, normalize, ...), before any model exists
+
+    def epi_config(self, **changes):
+        """Return the EPIConfig (epi.config) of this run's isolation settings, with `changes` applied."""
+        from .config import EPIConfig
+        values = dict(score=self.score, beta=self.beta, ratio=self.ratio, refresh_every=self.refresh_every or None,
+                      warmup_steps=self.warmup_steps, normalize=self.normalize, seed=self.seed)
+        values.update(changes)
+        return EPIConfig(**values)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,6 +215,8 @@ def resolve(profile: str = "cpu", **overrides) -> ExperimentConfig:
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     known = {f.name for f in fields(ExperimentConfig)}
+    if "bf16_autocast" in overrides and not isinstance(overrides["bf16_autocast"], bool):
+        raise ValueError(f"bf16_autocast must be true or false, got {overrides['bf16_autocast']!r}")
     if overrides.get("bf16_autocast") is not None:  # the setting `precision` replaced (records keep the old name)
         if overrides.get("precision") not in (None, "bf16") and overrides["bf16_autocast"]:
             raise ValueError(f"bf16_autocast=True contradicts precision={overrides['precision']!r}; "
@@ -149,8 +225,16 @@ def resolve(profile: str = "cpu", **overrides) -> ExperimentConfig:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown experiment setting(s) {unknown}; known: {sorted(known)}")
-    values = {**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
+    values = {**PROFILES[profile], **overrides}  # None is a value (random_ratio), not "the default"
     return ExperimentConfig(profile=profile, **values)
+
+
+# how a run was executed, not what it computed (the device as threads: its rounding is not a setting); a
+# resumed or reused run may differ in these, and compare pools runs that differ only in these and the seed
+NOT_SETTINGS = ("threads", "checkpoint_every", "device")
+
+# settings that are lists of names: a command line gives them comma-separated (`--set tasks=math,code`)
+LIST_SETTINGS = tuple(f.name for f in fields(ExperimentConfig) if f.type.startswith("List"))
 
 
 def with_changes(config: ExperimentConfig, **changes) -> ExperimentConfig:

@@ -23,7 +23,7 @@ import torch
 
 from .config import EPIConfig
 from .engine import EvolvingIsolation, isolatable
-from .experiment import ExperimentConfig
+from .experiment import NOT_SETTINGS, ExperimentConfig
 from .jsonio import write_json
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,7 @@ class Run:
         return {k: v for k, v in imp.items() if k != "global" and k in self.config.tasks}
 
     def epi_config(self, **changes) -> EPIConfig:
-        cfg = self.config
-        values = dict(score=cfg.score, beta=cfg.beta, ratio=cfg.ratio, refresh_every=cfg.refresh_every or None,
-                      warmup_steps=cfg.warmup_steps, normalize=cfg.normalize, seed=cfg.seed)
-        values.update(changes)
-        return EPIConfig(**values)
+        return self.config.epi_config(**changes)
 
     def random_ratio(self) -> float:
         """Return the random control's protected share: given, or matched to `random_match`'s run."""
@@ -463,10 +459,6 @@ def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable
         write_json(out / "results.json", record)
         (out / "checkpoint.pt").unlink(missing_ok=True)
     return record
-
-
-# how a run was executed, not what it computed (the device as threads: its rounding is not a setting)
-NOT_SETTINGS = ("threads", "checkpoint_every", "device")
 
 
 def differing_settings(stored: dict, config: ExperimentConfig, stored_precision: Optional[str] = None) -> str:
