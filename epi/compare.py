@@ -12,29 +12,96 @@ Per protocol, the metrics that make it meaningful (all in epi.metrics):
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pandas as pd
 
 from . import metrics
+from .experiment import NOT_SETTINGS, ExperimentConfig
 
+log = logging.getLogger(__name__)
 
 MIN_REFERENCE = 0.05
+REQUIRED = ("protocol", "method", "profile", "tasks")  # config fields every row needs
+
+
+def _problem(rec) -> Optional[str]:
+    """Return why a parsed results.json cannot be a row (None when it can)."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("config"), dict):
+        return "no 'config' object"
+    missing = [k for k in REQUIRED if k not in rec["config"]] + [k for k in ("seed", "final_scores") if k not in rec]
+    return f"missing field(s) {missing}" if missing else None
 
 
 def load_runs(root: str | Path) -> List[dict]:
-    """Return every results record under `root` (recursively), each with its folder under "_path"."""
+    """Return every results record under `root` (recursively), each with its folder under "_path".
+
+    A file that is not JSON, or not a results record, is skipped with a warning naming it (the other runs
+    are still compared)."""
     runs = []
     for path in sorted(Path(root).rglob("results.json")):
-        rec = json.loads(path.read_text())
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            log.warning("compare: skipped %s: not readable JSON (%s)", path, e)
+            continue
+        problem = _problem(rec)
+        if problem:
+            log.warning("compare: skipped %s: not a results record (%s)", path, problem)
+            continue
         rec["_path"] = str(path.parent)
         runs.append(rec)
     return runs
 
 
+def settings(rec: dict) -> dict:
+    """Return what a run computed with: its config without the seed and the how-settings (NOT_SETTINGS), a
+    field the record predates at its default, and the precision as the run resolved it."""
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(ExperimentConfig)}
+    cfg = {**defaults, **rec["config"]}
+    old_bf16 = cfg.pop("bf16_autocast", None)  # the flag `precision` replaced
+    cfg["precision"] = rec.get("precision") or ("bf16" if old_bf16 else cfg.get("precision", "auto"))
+    if cfg["precision"] == "auto":
+        cfg["precision"] = "fp32"  # records without a resolved precision ran on CPU, where auto is fp32
+    for key in ("seed", *NOT_SETTINGS):
+        cfg.pop(key, None)
+    return cfg
+
+
+def _variants(runs: List[dict]) -> List[str]:
+    """Return, per run, "" when every run of its protocol and method has the same settings, else the settings
+    that tell its group apart ("lr=0.01, clip=0.0"); warn about groups that are not pooled."""
+    labels = [""] * len(runs)
+    by_method: Dict[tuple, List[int]] = {}
+    for i, r in enumerate(runs):
+        by_method.setdefault((r["config"]["protocol"], r["config"]["method"]), []).append(i)
+    for (protocol, method), idx in by_method.items():
+        sets = [settings(runs[i]) for i in idx]
+        keys = sorted({k for s in sets for k in s if any(s.get(k) != t.get(k) for t in sets)})
+        if not keys:
+            continue
+        for i, s in zip(idx, sets):
+            labels[i] = ", ".join(f"{k}={s.get(k)}" for k in keys)
+        log.warning("compare: %d %s runs of protocol %s have different settings (%s); they are not pooled: %s",
+                    len(idx), method, protocol, ", ".join(keys), "; ".join(sorted(set(labels[i] for i in idx))))
+    return labels
+
+
 def _references(runs: List[dict]) -> Dict[int, Dict[str, float]]:
-    return {r["seed"]: r["final_scores"] for r in runs if r["config"]["protocol"] == "reference"}
+    refs: Dict[int, Dict[str, float]] = {}
+    for r in runs:
+        if r["config"]["protocol"] != "reference":
+            continue
+        if r["seed"] in refs and refs[r["seed"]] != r["final_scores"]:
+            log.warning("compare: two reference runs of seed %s differ (%s); seed %s is normalised by neither",
+                        r["seed"], r["_path"], r["seed"])
+            refs[r["seed"]] = None
+        elif r["seed"] not in refs:
+            refs[r["seed"]] = r["final_scores"]
+    return {s: v for s, v in refs.items() if v is not None}
 
 
 def run_row(rec: dict, references: Optional[Dict[str, float]] = None) -> dict:
@@ -86,37 +153,62 @@ def run_row(rec: dict, references: Optional[Dict[str, float]] = None) -> dict:
 def compare(root: str | Path) -> pd.DataFrame:
     """Return one row per finished run under `root`, sorted by protocol, method and seed."""
     runs = load_runs(root)
-    if not runs:
-        raise FileNotFoundError(f"no results.json under {root}; create runs with `python -m epi run ... --out {root}`")
+    rows, kept = [], []
     refs = _references(runs)
-    rows = [run_row(r, refs.get(r["seed"])) for r in runs]
-    return pd.DataFrame(rows).sort_values(["protocol", "method", "seed"]).reset_index(drop=True)
+    for r in runs:
+        try:
+            rows.append(run_row(r, refs.get(r["seed"])))
+            kept.append(r)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            log.warning("compare: skipped %s/results.json: incomplete record (%s: %s)", r["_path"], type(e).__name__, e)
+    if not rows:
+        raise FileNotFoundError(f"no readable results.json under {root}; create runs with "
+                                f"`python -m epi run ... --out {root}`")
+    df = pd.DataFrame(rows)
+    labels = _variants(kept)
+    if any(labels):  # runs of one method with different settings: one row each, never pooled
+        df.insert(df.columns.get_loc("method") + 1, "variant", labels)
+    return df.sort_values(["protocol", "method", "seed"], kind="stable").reset_index(drop=True)
 
 
 def summary_table(df: pd.DataFrame, digits: int = 2) -> str:
-    """Return a markdown table per protocol: method × (score and metric columns), mean ± sd over seeds."""
+    """Return a markdown table per protocol: method × (score and metric columns), mean ± sd over seeds.
+
+    With a "variant" column (compare's runs of one method with different settings), each variant is its own
+    row, labelled by the settings that tell it apart."""
     parts = []
+    keys = ["method", "variant"] if "variant" in df else ["method"]
     for protocol, sub in df.groupby("protocol", sort=False):
-        cols = [c for c in sub.columns if c not in ("protocol", "method", "seed", "profile", "wall_s")
+        cols = [c for c in sub.columns if c not in ("protocol", "method", "variant", "seed", "profile", "wall_s")
                 and sub[c].notna().any()]
         header = "| method | seeds | " + " | ".join(cols) + " |"
         lines = [f"### protocol: {protocol}", "", header, "|" + "---|" * (len(cols) + 2)]
-        for method, g in sub.groupby("method", sort=True):
+        for key, g in sub.groupby(keys, sort=True):
+            key = key if isinstance(key, tuple) else (key,)
+            method, variant = key[0], (key[1] if len(key) > 1 else "")
+            name = f"{method} ({variant})" if variant else method
             cells = [metrics.mean_sd(g[c].dropna().astype(float).tolist(), digits) if g[c].notna().any() else "–"
                      for c in cols]
-            lines.append(f"| {method} | {len(g)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {len(g)} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
 
+def write_provenance(out: str | Path, command: str, files: List[str]) -> Path:
+    """Write `<out>/summary.provenance.json`: the command that made `files` (the CSV stays plain CSV)."""
+    path = Path(out) / "summary.provenance.json"
+    path.write_text(json.dumps({"command": command, "files": files}, indent=1) + "\n")
+    return path
+
+
 def write_summary(df: pd.DataFrame, out: str | Path, command: str) -> None:
-    """Write summary.csv (one row per run) and summary.md (mean ± sd) with the command that made them."""
+    """Write summary.csv (one row per run, plain CSV), summary.md (mean ± sd, the command in its header) and
+    summary.provenance.json (the command that made them)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "summary.csv").open("w") as fh:
-        fh.write(f"# made by: {command}\n")
-        df.to_csv(fh, index=False, float_format="%.4f")
+    df.to_csv(out / "summary.csv", index=False, float_format="%.4f")
     (out / "summary.md").write_text(f"<!-- made by: {command} -->\n\n{summary_table(df)}\n")
+    write_provenance(out, command, ["summary.csv", "summary.md"])
 
 
 def paired(df: pd.DataFrame, method: str, baseline: str, column: str = "mean_score",
@@ -127,6 +219,10 @@ def paired(df: pd.DataFrame, method: str, baseline: str, column: str = "mean_sco
     between-seed variance that unpaired mean ± sd tables carry.
     """
     sub = df if protocol is None else df[df["protocol"] == protocol]
+    for m in (method, baseline):
+        if "variant" in sub and sub[sub["method"] == m]["variant"].nunique() > 1:
+            raise ValueError(f"paired: {m} has runs with different settings ({sorted(set(sub[sub['method'] == m]['variant']))}); "
+                             "select one variant first")
     a = sub[sub["method"] == method].set_index("seed")[column]
     b = sub[sub["method"] == baseline].set_index("seed")[column]
     diff = (a - b).dropna()

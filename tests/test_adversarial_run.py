@@ -98,9 +98,9 @@ def test_a_resumed_run_refuses_other_settings_and_says_how_to_start_fresh(tmp_pa
     for change in (dict(steps_per_task=20), dict(ratio=0.3), dict(lr=0.01)):
         with pytest.raises(ValueError, match=f"{next(iter(change))}.*--fresh"):
             run_experiment(resolve("smoke", method="epi", **{**SEQ, **change}), tmp_path)
-    # how a run executes may change between the interruption and the resume
+    # how a run executes (checkpoint spacing, device, threads) may change between the interruption and the resume
     said = []
-    rec = run_experiment(resolve("smoke", method="epi", **{**SEQ, "threads": 2, "checkpoint_every": 5}), tmp_path,
+    rec = run_experiment(resolve("smoke", method="epi", **{**SEQ, "device": "cpu", "checkpoint_every": 5}), tmp_path,
                          say=said.append)
     assert any(m.startswith("resumed") and "at step 4/12" in m for m in said)
     assert len(rec["losses"]) == 12 and rec["config"]["steps_per_task"] == cfg.steps_per_task
