@@ -12,7 +12,8 @@ Writes, under --results:
                   LogiQA slice scores when `../shared/data/real` (or --real-data) is present;
   summary.csv  -- one row per method × seed × direction (forgetting_A, learning_B, general_loss_increase,
                   kl, ... ; A and B are the run's first and second task);
-  summary.md   -- the base scores, the CPI-FT Table 2 shape (mean ± sd over seeds) and the general columns.
+  summary.md   -- the base scores, the CPI-FT Table 2 shape (mean ± sd over seeds) and the general columns;
+  summary.provenance.json -- the command that wrote them (summary.csv stays plain CSV).
 
 Notebook 05 reads the results with `load_summary()` and shows them with `table2_frame()`.
 """
@@ -102,11 +103,12 @@ def summarize(records: Sequence[dict]) -> pd.DataFrame:
 
 
 def load_summary(results: str | Path = RESULTS) -> pd.DataFrame:
-    """Return summary.csv of a finished real_cpu experiment (the header comment skipped)."""
+    """Return summary.csv of a finished real_cpu experiment (plain CSV; the command that made it is in
+    summary.provenance.json)."""
     path = Path(results) / "summary.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; create it with `python -m epi.real_cpu --results {results}`")
-    return pd.read_csv(path, comment="#")
+    return pd.read_csv(path)
 
 
 def load_base(results: str | Path = RESULTS) -> dict:
@@ -216,15 +218,17 @@ def claims(df: pd.DataFrame, baseline: str = "full_sft", margin: float = 0.03) -
 
 def write_results(df: pd.DataFrame, base: Optional[dict], results: str | Path, command: str,
                   wall_s: Optional[float] = None, settings: Optional[dict] = None) -> None:
-    """Write summary.csv and summary.md (and base.json when `base` is given) under `results`."""
+    """Write summary.csv (plain CSV), summary.md, summary.provenance.json (the command) and, when `base` is
+    given, base.json under `results`."""
+    from .compare import write_provenance
+    from .jsonio import write_json
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
     if base is not None:
-        (results / "base.json").write_text(json.dumps(base, indent=1) + "\n")
-    with (results / "summary.csv").open("w") as fh:
-        fh.write(f"# made by: {command}\n")
-        df.to_csv(fh, index=False, float_format="%.4f")
+        write_json(results / "base.json", base)
+    df.to_csv(results / "summary.csv", index=False, float_format="%.4f")
     (results / "summary.md").write_text(markdown(df, base, command, wall_s, settings))
+    write_provenance(results, command, ["summary.csv", "summary.md"] + (["base.json"] if base is not None else []))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,7 +42,8 @@ def test_compare_builds_the_method_by_task_table(runs, tmp_path):
     table = summary_table(df)
     assert "| epi |" in table and "score_math" in table
     write_summary(df, tmp_path, "python -m epi compare runs")
-    assert (tmp_path / "summary.csv").read_text().startswith("# made by: python -m epi compare")
+    assert (tmp_path / "summary.csv").read_text().startswith("protocol,method,seed")  # plain CSV
+    assert json.loads((tmp_path / "summary.provenance.json").read_text())["command"] == "python -m epi compare runs"
 
 
 def test_interrupted_run_resumes_from_its_checkpoint_and_ends_identically(tmp_path):
