@@ -247,8 +247,9 @@ class EPICallback(TrainerCallback):
 class EPITrainerMixin:
     """`class MyTrainer(EPITrainerMixin, Trainer)`: EPI with gradients masked *before* clipping.
 
-    Overrides `Trainer._clip_grad_norm` (transformers >= 4.45; in 5.24 `_run_epoch` calls it on every sync
-    step when max_grad_norm > 0) to observe first. Extra constructor arguments: `epi_config`, `task_fn`;
+    Overrides `Trainer._clip_grad_norm` (transformers 5; in 5.24 `_run_epoch` calls it on every sync step
+    when max_grad_norm > 0) to observe first. Transformers 4.x clips inline: the mixin then warns and
+    works as the callback route (masks after clipping). Extra constructor arguments: `epi_config`, `task_fn`;
     an `EPICallback` passed in `callbacks` is used instead. The engine is `trainer.epi`.
     """
 

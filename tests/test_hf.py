@@ -5,14 +5,19 @@ Every exactness test measures, at every optimizer step, the isolatable weights b
 """
 import pytest
 import torch
+import transformers
 from accelerate.utils import AutocastKwargs
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from helpers import small_llama
 from epi import EPIConfig
 from epi.hf import EPICallback, EPITrainerMixin, TaskCollator, base_optimizer, task_blocks
+from epi.recipe import SEQUENTIAL_ARG, trainer_class
 
 STEPS = 8
+# transformers 5 clips in Trainer._clip_grad_norm, which EPITrainerMixin overrides; 4.x clips inline, so the
+# mixin warns and takes the callback route (masks after clipping)
+MIXIN_CLIPS = hasattr(Trainer, "_clip_grad_norm")
 
 
 @pytest.fixture(autouse=True)
@@ -22,11 +27,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_mixed_precision(monkeypatch):
+    """transformers 4.x writes a run's precision into ACCELERATE_MIXED_PRECISION, which the next fp32
+    TrainingArguments read: a bf16 test would leave bf16 autocast on for the tests after it."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+
+
 CFG = dict(ratio=0.1, refresh_every=2, warmup_steps=2, beta=0.5)
 
 
 class EPITrainer(EPITrainerMixin, Trainer):
     pass
+
+
+def reading(sequential: bool) -> dict:
+    """TrainingArguments kwargs for in-order or random reading (transformers 4.x: see in_order)."""
+    return {"train_sampling_strategy": "sequential" if sequential else "random"} if SEQUENTIAL_ARG else {}
+
+
+def in_order(route: str = "callback"):
+    """Return the Trainer class that reads in order: the Trainer itself on 5.x, InOrderTrainer on 4.x."""
+    return trainer_class(route)
 
 
 def examples(n=64, seq=10, tasks=("a", "b")):
@@ -87,8 +111,8 @@ def run(tmp_path, *, route="callback", scope="global", bf16=False, ga=2, bs=2, s
         max_grad_norm=clip, use_cpu=True, bf16=bf16, fp16=scaler is not None, report_to=[],
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, logging_steps=1,
         disable_tqdm=True, remove_unused_columns=False, seed=0, data_seed=0,
-        train_sampling_strategy="sequential" if blocks else "random")
-    cls = EPITrainer if route == "mixin" else Trainer
+        **reading(blocks))
+    cls = in_order(route) if blocks else EPITrainer if route == "mixin" else Trainer
     trainer = cls(model=small_llama(), args=args, train_dataset=train, data_collator=TaskCollator(),
                   callbacks=[epi, spy])
     if scaler is not None:  # accelerate has no fp16 AMP on CPU: install a CPU GradScaler, autocast off
@@ -130,9 +154,9 @@ def test_per_task_scope_reads_the_task_column_and_strips_it_before_the_forward(t
     data = examples()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4,
                              learning_rate=1e-2, weight_decay=0.1, use_cpu=True, report_to=[], save_strategy="no",
-                             disable_tqdm=True, remove_unused_columns=False, train_sampling_strategy="sequential")
+                             disable_tqdm=True, remove_unused_columns=False, **reading(True))
     train = task_blocks(data, 4, seed=3)
-    Trainer(model=small_llama(), args=args, train_dataset=train, data_collator=TaskCollator(),
+    in_order()(model=small_llama(), args=args, train_dataset=train, data_collator=TaskCollator(),
             callbacks=[epi, spy, Probe()]).train()
     assert seen and all("task" not in keys for keys in seen)
     assert spy.tasks == [train[4 * s]["task"] for s in range(STEPS)]  # the engine ran each step's task
@@ -144,10 +168,10 @@ def test_per_task_scope_refuses_optimizer_steps_that_mix_tasks(tmp_path):
     epi = EPICallback(EPIConfig(scope="per_task", **CFG))
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True,
                              report_to=[], save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
-                             train_sampling_strategy="sequential")
+                             **reading(True))
     data = examples()
     mixed = [x for pair in zip(data["a"], data["b"]) for x in pair]  # a, b, a, b, ...
-    trainer = Trainer(model=small_llama(), args=args, train_dataset=mixed, data_collator=TaskCollator(),
+    trainer = in_order()(model=small_llama(), args=args, train_dataset=mixed, data_collator=TaskCollator(),
                       callbacks=[epi])
     with pytest.raises(ValueError, match="one task per optimizer step"):
         trainer.train()
@@ -158,7 +182,9 @@ def test_accumulated_gradient_gives_the_importance_of_the_full_batch(tmp_path):
     _, full, _ = run(tmp_path / "b", ga=1, bs=4, sampling="sequential")
     a, b = accum.engine.tracker.buffers["global"], full.engine.tracker.buffers["global"]
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-9)
+        # equal up to float rounding, which 8 steps of training amplify (summation order differs between
+        # transformers versions): a tolerance relative to the tensor's largest importance
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4 * float(y.abs().max()))
     assert accum.engine.mask_digest() == full.engine.mask_digest()
 
 
@@ -167,12 +193,13 @@ def test_mixin_masks_before_clipping_and_callback_after(tmp_path, route):
     _, epi, spy = run(tmp_path, route=route, clip=1e-3, steps=5)
     iso = [g for g, n in zip(spy.grads, spy.protected) if n]
     assert iso
-    if route == "mixin":  # masked, then clipped: protected gradients 0, total norm = max_grad_norm
+    if route == "mixin" and MIXIN_CLIPS:  # masked, then clipped: protected gradients 0, total norm = max_grad_norm
         assert all(zero for zero, _ in iso)
         assert all(abs(norm - 1e-3) < 1e-6 for _, norm in iso)
     else:  # clipped first; the engine masks inside optimizer.step()
         assert not any(zero for zero, _ in iso)
-    assert hasattr(Trainer, "_clip_grad_norm") and "_clip_grad_norm" in EPITrainerMixin.__dict__
+    assert "_clip_grad_norm" in EPITrainerMixin.__dict__
+    assert MIXIN_CLIPS == (int(transformers.__version__.split(".")[0]) >= 5)  # where the seam exists
 
 
 @pytest.mark.parametrize("route", ["callback", "mixin"])
@@ -197,7 +224,7 @@ def test_grad_scaler_overflow_steps_are_skipped_by_the_engine(tmp_path, route):
     skipped = 8 - eng.step
     assert 1 <= skipped <= 4  # overflow steps never reached the optimizer, nor the engine's step count
     assert eng.tracker.updates["global"] == eng.step  # nor the importance
-    assert eng.tracker.skipped_steps == (skipped if route == "mixin" else 0)  # mixin saw the inf, dropped it
+    assert eng.tracker.skipped_steps == (skipped if route == "mixin" and MIXIN_CLIPS else 0)  # mixin saw the inf
     assert all(torch.isfinite(b).all() for b in eng.tracker.buffers["global"])
     assert max(spy.drift) == 0.0
 
