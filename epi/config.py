@@ -77,7 +77,7 @@ class EPIConfig:
     importance_dtype / mask_format: "float32" + "bool" (default) or "bfloat16" + "index" (lean memory).
         bfloat16 importance is stored by seeded stochastic rounding, so its EMA is unbiased at every β (rounded
         to nearest it stopped moving at β = 0.999); each coordinate carries rounding noise that grows with β
-        (rms vs float32 after 3,000 steps of g = 1 and then decaying: about 1%, 4%, 9% at β = 0.9, 0.99, 0.999).
+        (rms vs float32 after 3,000 steps of g = 1 and 2,000 of decay: about 1%, 4%, 10% at β = 0.9, 0.99, 0.999).
     targets: which tensors are isolatable — "blocks" = 2-D weights inside transformer blocks, "all" =
         every trainable tensor; include_embeddings / include_head / include_norms opt in more.
     score_every: fold gradients into the EMA every n optimizer steps (amortises the cost).
