@@ -136,7 +136,8 @@ class EvolvingIsolation:
         if self.isolator is not None:
             if self.isolator.optimizer is optimizer:
                 return self
-            raise ValueError(f"this EvolvingIsolation is already attached to a {type(self.isolator.optimizer).__name__}; "
+            held = type(self.isolator.optimizer).__name__
+            raise ValueError(f"this EvolvingIsolation is already attached to a {held}; "
                              f"attaching a {type(optimizer).__name__} as well would unhook the first (its protected "
                              "coordinates would then move). One engine isolates one optimizer: put every parameter "
                              "in one optimizer (param groups), or call detach() first to move the engine")
@@ -406,9 +407,10 @@ class EvolvingIsolation:
                         "have non-zero importance, and a coordinate with zero importance is never protected%s",
                         self.step, key, fraction, cfg.ratio, nonzero, total, hint)
         elif fraction > 1.05 * (cfg.ratio + cfg.hysteresis) + 1 / total:
+            bf16 = " (bfloat16 importance ties more often)" if cfg.importance_dtype == "bfloat16" else ""
             log.warning("step %d, %r set: protected %.4g of the isolatable coordinates, asked %s: importance values "
                         "tie at the threshold and every tied coordinate is protected%s", self.step, key, fraction,
-                        cfg.ratio, " (bfloat16 importance ties more often)" if cfg.importance_dtype == "bfloat16" else "")
+                        cfg.ratio, bf16)
 
     def _install(self, sets: Dict[str, List[torch.Tensor]]) -> None:
         if self.config.mask_format == "index":
@@ -514,8 +516,8 @@ class EvolvingIsolation:
                   for f in fields(EPIConfig) if f.name not in _POLICY_FIELDS
                   and saved[f.name] != getattr(self.config, f.name)]
         if differ:
-            raise ValueError(f"load_state_dict: the state was saved with another EPIConfig ({'; '.join(differ)}): build "
-                             "this engine with EPIConfig.from_dict(state['config']) to resume that run")
+            raise ValueError(f"load_state_dict: the state was saved with another EPIConfig ({'; '.join(differ)}): "
+                             "build this engine with EPIConfig.from_dict(state['config']) to resume that run")
         shapes = []  # (name, shape in the state, shape here)
         for bufs in list(state["tracker"]["buffers"].values()) + [state["tracker"].get("theta0") or []]:
             shapes += [(n, tuple(b.shape), tuple(local(p).shape)) for n, b, p in zip(self.names, bufs, self.params)]

@@ -67,7 +67,8 @@ def same_snapshot(a, b) -> bool:
 
 # ---- item 1: a zero threshold must not protect every coordinate ---------------------------------------
 
-@pytest.mark.parametrize("normalize,quota", [("none", "global"), ("layer_mean", "global"), ("layer_mean", "per_tensor")])
+@pytest.mark.parametrize("normalize,quota", [("none", "global"), ("layer_mean", "global"),
+                                             ("layer_mean", "per_tensor")])
 def test_zero_importance_is_never_protected_when_fewer_than_k_are_nonzero(normalize, quota):
     imp = [torch.zeros(40, 25), torch.zeros(1000)]
     imp[0].view(-1)[:20] = torch.arange(1, 21, dtype=torch.float32)   # 20 of 2000 coordinates non-zero
