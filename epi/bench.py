@@ -244,8 +244,8 @@ def measure(shape: str, *, reps: int = 5, device: str = "cpu", batch: int = 4, s
     cfg = configs()
     out = {"shape": shape, "device": device, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "seq": seq,
            "reps": reps, "params": sum(p.numel() for p in _model(shape, "meta", torch.float32).parameters())}
-    out["step"] = step_ratio(shape, batch=batch, seq=seq, reps=reps, device=device, dtype=dtype, config=cfg["default"])
-    out["lean_step"] = step_ratio(shape, batch=batch, seq=seq, reps=reps, device=device, dtype=dtype, config=cfg["lean"])
+    for key, config in (("step", cfg["default"]), ("lean_step", cfg["lean"])):
+        out[key] = step_ratio(shape, batch=batch, seq=seq, reps=reps, device=device, dtype=dtype, config=config)
     out["refresh"] = refresh_ratio(shape, device=device)
     out["bytes"] = bytes_per_param(shape, cfg["default"], device)
     out["lean_bytes"] = bytes_per_param(shape, cfg["lean"], device)

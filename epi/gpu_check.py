@@ -10,9 +10,10 @@ Parts, in this order; each is timed, and skipped with its reason when the budget
                  plain fused AdamW (interleaved, median, same batch), lean-mode step, refresh radix vs
                  cat+kthvalue, bytes per parameter, peak GPU memory. Target (issue 17): step ratio ≤ 1.02 on
                  the 0.5B shape, printed next to the result (a miss is a finding, not a failed check).
-  trainer        `EPICallback` in an unmodified `transformers.Trainer` on a random-init 0.5B-shaped model,
-                 bf16 autocast, gradient accumulation 4, global and per-task scope: a spy checks at every
-                 optimizer step that the protected weights moved exactly 0.0.
+  trainer        notebook 07's recipe (`epi.recipe.run_method`: `EPICallback` in an unmodified
+                 `transformers.Trainer`) on a random-init 0.5B-shaped model, fp32 weights + bf16 autocast,
+                 gradient accumulation 4, global and per-task scope: its spy checks at every optimizer step
+                 that the protected weights moved exactly 0.0.
   notebook 07    papermill on notebooks/07 with PROFILE="gpu", a random-init 0.5B-shaped model folder
                  (`epi.bench.save_random_model`) as MODEL_NAME, local stand-in datasets, a few steps per method.
 
@@ -39,7 +40,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from transformers import TrainerCallback
 
 log = logging.getLogger(__name__)
 
@@ -143,93 +143,42 @@ def _examples(vocab: int, seq: int, per_task: int, tasks: Sequence[str]) -> dict
     return out
 
 
-class ProtectedDriftSpy(TrainerCallback):
-    """Max |Δθ| of the coordinates protected during each optimizer step; register it after EPICallback."""
-
-    def __init__(self, epi_callback):
-        self.epi = epi_callback
-        self.drift: List[float] = []
-        self.before = None
-
-    @staticmethod
-    def _values(param, mask, index):
-        flat = param.detach().reshape(-1)
-        return flat[mask.reshape(-1)] if mask is not None else flat[index.long()]
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        engine = self.epi.engine
-        active = engine.active()  # None during the warm-up: nothing is protected yet
-        if active is None or active.count == 0:
-            self.before = None
-            return
-        masks = active.protected or [None] * len(engine.params)
-        index = active.index or [None] * len(engine.params)
-        self.where = list(zip(masks, index))
-        self.before = [self._values(q, m, i).clone() for q, (m, i) in zip(engine.params, self.where)]
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.before is None:
-            return
-        moved = [(self._values(q, m, i) - b).abs().max() for q, (m, i), b in
-                 zip(self.epi.engine.params, self.where, self.before) if b.numel()]
-        self.drift.append(float(torch.stack(moved).max().float()))
-        self.before = None
-
-
-def _trainer_run(p: Plan, scope: str, work: Path) -> dict:
-    """Return one Trainer run's numbers: EPICallback + spy, gradient accumulation, bf16 autocast on CUDA."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+def _trainer_run(p: Plan, method: str, work: Path) -> dict:
+    """Return one Trainer run's numbers through `epi.recipe.run_method` (notebook 07's recipe: EPICallback +
+    ProtectedDriftSpy, gradient accumulation, precision from the device: bf16 autocast on Ampere or newer)."""
     from . import EPIConfig
     from .bench import SHAPES, random_model
-    from .hf import EPICallback, TaskCollator, task_blocks
+    from .hf import TaskCollator, task_blocks
+    from .recipe import Recipe, choose_precision, run_method
 
     block = p.trainer_micro_batch * p.grad_accum
     data = _examples(SHAPES[p.model_shape]["vocab_size"], p.trainer_seq, block * (p.trainer_steps // 2 + 1), ("a", "b"))
-    order = task_blocks(data, block, seed=0)  # one task per optimizer step, read in order
-    sequential = "train_sampling_strategy" in TrainingArguments.__dataclass_fields__  # transformers >= 5
-
-    class InOrderTrainer(Trainer):  # transformers 4.x: no train_sampling_strategy
-        def _get_train_sampler(self, *args, **kwargs):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    args = TrainingArguments(
-        output_dir=str(work / "trainer" / scope), max_steps=p.trainer_steps,
-        per_device_train_batch_size=p.trainer_micro_batch, gradient_accumulation_steps=p.grad_accum,
-        learning_rate=1e-4, weight_decay=0.1, lr_scheduler_type="constant", max_grad_norm=1.0,
-        bf16=p.cuda, use_cpu=not p.cuda, logging_steps=p.trainer_steps, save_strategy="no", report_to=[],
-        disable_tqdm=True, remove_unused_columns=False, seed=0, data_seed=0, dataloader_num_workers=0,
-        **({"train_sampling_strategy": "sequential"} if sequential else {}))
-    epi_cb = EPICallback(EPIConfig(scope=scope, ratio=0.05, refresh_every=p.trainer_refresh_every,
-                                   warmup_steps=p.trainer_warmup, beta=0.99))
-    spy = ProtectedDriftSpy(epi_cb)
-    model = random_model(p.model_shape, p.device, torch.float32)  # fp32 master weights; bf16 autocast on CUDA
-    trainer = (Trainer if sequential else InOrderTrainer)(
-        model=model, args=args, train_dataset=order, data_collator=TaskCollator(), callbacks=[epi_cb, spy])
-    trainer.remove_callback(PrinterCallback)  # the losses stay in trainer.state.log_history
-    if p.cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    trainer.train()
-    engine = epi_cb.engine
-    out = {"scope": scope, "train_s": time.perf_counter() - t0, "optimizer_steps": trainer.state.global_step,
-           "engine_observations": engine.step, "refresh_steps": sorted({h["step"] for h in engine.history}),
-           "isolated_steps": len(spy.drift), "max_protected_drift": max(spy.drift) if spy.drift else None,
-           "protected_fraction": engine.protected_fraction(None), "isolation_mode": engine.isolator.mode,
+    capability = torch.cuda.get_device_capability(p.device) if p.cuda else None
+    recipe = Recipe(
+        load_base=lambda: (random_model(p.model_shape, p.device, torch.float32), None),  # fp32 master weights
+        train_order=task_blocks(data, block, seed=0),  # one task per optimizer step, read in order
+        collator=TaskCollator(), evaluate=lambda model: {},  # random weights: nothing to score
+        epi_config=lambda scope: EPIConfig(scope=scope, ratio=0.05, refresh_every=p.trainer_refresh_every,
+                                           warmup_steps=p.trainer_warmup, beta=0.99),
+        output_dir=work / "trainer", max_steps=p.trainer_steps, micro_batch=p.trainer_micro_batch,
+        grad_accum=p.grad_accum, lr=1e-4, weight_decay=0.1, clip=1.0,
+        precision=choose_precision("auto", cuda=p.cuda, capability=capability), seed=0, cuda=p.cuda)
+    r, _ = run_method(recipe, method)
+    drift = r["drift"]
+    out = {"method": method, "scope": "global" if method == "epi" else "per_task", "precision": recipe.precision,
            "micro_batch": p.trainer_micro_batch, "grad_accum": p.grad_accum, "seq": p.trainer_seq,
-           "precision": "bf16 autocast, fp32 weights" if p.cuda else "fp32"}
-    if p.cuda:
-        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+           "train_s": r["train_s"], "optimizer_steps": r["steps"], "engine_observations": r["engine_steps"],
+           "refresh_steps": sorted({h["step"] for h in r["history"]}), "isolated_steps": r["isolated_steps"],
+           "max_protected_drift": max(drift) if drift else None, "protected_fraction": r["protected_fraction"],
+           "isolation_mode": r["mode"], "peak_gib": r["peak_gib"]}
     out["ok"] = (out["isolated_steps"] > 0 and out["max_protected_drift"] == 0.0
                  and out["engine_observations"] == out["optimizer_steps"] == p.trainer_steps)
-    engine.detach()
-    del trainer, model, epi_cb, spy, engine
-    _release(p.device)
     return out
 
 
 def trainer_part(p: Plan, work: Path) -> dict:
-    """Return the Trainer runs in global and per-task scope (restore vs grad isolation) and `ok`."""
-    runs = [_trainer_run(p, scope, work) for scope in ("global", "per_task")]
+    """Return the Trainer runs of `epi` (global scope, grad isolation) and `epi_per_task` (restore) and `ok`."""
+    runs = [_trainer_run(p, method, work) for method in ("epi", "epi_per_task")]
     return {"model_shape": p.model_shape, "runs": runs, "ok": all(r["ok"] for r in runs)}
 
 
@@ -274,12 +223,14 @@ def notebook_part(p: Plan, work: Path, timeout_s: float) -> dict:
     logfile = work / "notebook07.log"
     logfile.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        return {"ok": False, "reason": f"papermill exited {proc.returncode}: {_last_error(proc.stderr)} (log: {logfile})",
+        return {"ok": False,
+                "reason": f"papermill exited {proc.returncode}: {_last_error(proc.stderr)} (log: {logfile})",
                 "params": params, "papermill_s": wall}
     summary = json.loads((out_dir / "summary.json").read_text())
     numbers = summary.get("numbers", {})
     drift = numbers.get("max_protected_drift")
-    return {"params": params, "papermill_s": wall, "precision": numbers.get("precision"), "device": numbers.get("device"),
+    return {"params": params, "papermill_s": wall, "precision": numbers.get("precision"),
+            "device": numbers.get("device"),
             "methods": numbers.get("methods"), "steps": numbers.get("steps"), "train_s": numbers.get("train_s"),
             "eval_s": numbers.get("eval_s"), "max_protected_drift": drift,
             "claims": [{k: c.get(k) for k in ("claim", "verdict")} for c in summary.get("claims", [])],
@@ -294,13 +245,6 @@ def _last_error(text: str) -> str:
 
 
 # ---- running, budget, files ------------------------------------------------------------------------------
-def _release(device: str) -> None:
-    import gc
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def _missing_for_notebook() -> List[str]:
     return [m for m in ("papermill", "ipykernel") if importlib.util.find_spec(m) is None]
 
@@ -349,7 +293,8 @@ def run_check(p: Plan, out: Path, work: Path, command: str, say: Callable[[str],
         else:
             record = run_part(name, p.estimate(name), left(), fn)
         parts.append(record)
-        say(f"{name}: {record['status']} in {record['wall_s']:.1f} s" + (f" · {record['reason']}" if record["reason"] else ""))
+        reason = f" · {record['reason']}" if record["reason"] else ""
+        say(f"{name}: {record['status']} in {record['wall_s']:.1f} s{reason}")
 
     for shape in p.shapes:
         part(f"bench {shape}", lambda shape=shape: bench_part(p, shape))
@@ -435,18 +380,20 @@ def markdown(record: dict, prov: dict) -> str:
         for m in benches:
             if "target" in m:
                 t = m["target"]
-                lines.append(f"\nTarget (issue 17): EPI step ≤ {t['step_ratio_max']}× plain fused AdamW on {m['shape']}: "
+                lines.append(f"\nTarget (issue 17): EPI step ≤ {t['step_ratio_max']}× plain fused AdamW on "
+                             f"{m['shape']}: "
                              f"{m['step']['ratio']:.3f}× → {'met' if t['met'] else 'NOT met'}.")
     trainer = by_name.get("trainer", {}).get("result")
     if trainer:
-        lines += ["", f"## Trainer path (EPICallback, {trainer['model_shape']} random init)", "",
+        lines += ["", f"## Trainer path (epi.recipe.run_method, EPICallback, {trainer['model_shape']} random init)", "",
                   "| scope | precision | micro-batch × accumulation × tokens | optimizer steps | engine observations "
-                  "| refresh steps | isolated steps | max protected drift | protected share | isolation mode | train (s) "
-                  "| peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| refresh steps | isolated steps | max protected drift | protected share | isolation mode "
+                  "| train (s) | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in trainer["runs"]:
             lines.append(f"| {t['scope']} | {t['precision']} | {t['micro_batch']} × {t['grad_accum']} × {t['seq']} "
                          f"| {t['optimizer_steps']} | {t['engine_observations']} | {t['refresh_steps']} "
-                         f"| {t['isolated_steps']} | {_fmt(t['max_protected_drift'], 1)} | {_fmt(t['protected_fraction'])} "
+                         f"| {t['isolated_steps']} | {_fmt(t['max_protected_drift'], 1)} "
+                         f"| {_fmt(t['protected_fraction'])} "
                          f"| {t['isolation_mode']} | {_fmt(t['train_s'], 1)} | {_fmt(t.get('peak_gib'), 2)} |")
     nb = by_name.get("notebook 07", {}).get("result")
     if nb and nb.get("train_s"):
