@@ -246,7 +246,7 @@ def _last_error(text: str) -> str:
 
 # ---- running, budget, files ------------------------------------------------------------------------------
 def _missing_for_notebook() -> List[str]:
-    return [m for m in ("papermill", "ipykernel") if importlib.util.find_spec(m) is None]
+    return [m for m in ("papermill", "ipykernel", "datasets") if importlib.util.find_spec(m) is None]
 
 
 def run_part(name: str, estimate_s: float, left_s: float, fn: Callable[[], dict]) -> dict:
