@@ -69,10 +69,11 @@ def load_result(folder: str | Path, name: str, settings: dict) -> Optional[dict]
     return saved["result"]
 
 
-def run_or_load(folder: str | Path, name: str, settings: dict,
-                run: Callable[[], tuple[dict, Optional[dict]]]) -> tuple[dict, bool]:
-    """Return (the result of `name`, whether it was loaded): the saved one, or run() saved at once."""
-    saved = load_result(folder, name, settings)
+def run_or_load(folder: str | Path, name: str, settings: dict, run: Callable[[], tuple[dict, Optional[dict]]],
+                reuse: bool = True) -> tuple[dict, bool]:
+    """Return (the result of `name`, whether it was loaded): the saved one (when `reuse`), or run() saved
+    at once (replacing a saved one when not `reuse`)."""
+    saved = load_result(folder, name, settings) if reuse else None
     if saved is not None:
         return saved, True
     result, engine_state = run()
