@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any experiment setting")
     run.add_argument("--out", default="artifacts/runs")
     run.add_argument("--fresh", action="store_true",
-                     help="discard what an earlier attempt of this run left in --out (checkpoint, results) and start over")
+                     help="discard what an earlier attempt of this run left in --out (checkpoint, results); "
+                          "start over")
     run.set_defaults(func=_run)
 
     g = sub.add_parser("grid", help="run methods × seeds (finished runs are reused), in parallel workers")

@@ -60,7 +60,8 @@ def load_runs(root: str | Path) -> List[dict]:
 def settings(rec: dict) -> dict:
     """Return what a run computed with: its config without the seed and the how-settings (NOT_SETTINGS), a
     field the record predates at its default, and the precision as the run resolved it."""
-    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(ExperimentConfig)}
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
+                for f in fields(ExperimentConfig)}
     cfg = {**defaults, **rec["config"]}
     old_bf16 = cfg.pop("bf16_autocast", None)  # the flag `precision` replaced
     cfg["precision"] = rec.get("precision") or ("bf16" if old_bf16 else cfg.get("precision", "auto"))
@@ -221,8 +222,8 @@ def paired(df: pd.DataFrame, method: str, baseline: str, column: str = "mean_sco
     sub = df if protocol is None else df[df["protocol"] == protocol]
     for m in (method, baseline):
         if "variant" in sub and sub[sub["method"] == m]["variant"].nunique() > 1:
-            raise ValueError(f"paired: {m} has runs with different settings ({sorted(set(sub[sub['method'] == m]['variant']))}); "
-                             "select one variant first")
+            variants = sorted(set(sub[sub["method"] == m]["variant"]))
+            raise ValueError(f"paired: {m} has runs with different settings ({variants}); select one variant first")
     a = sub[sub["method"] == method].set_index("seed")[column]
     b = sub[sub["method"] == baseline].set_index("seed")[column]
     diff = (a - b).dropna()
