@@ -9,32 +9,20 @@ for now: results of other settings are refused with what differs (change the fol
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from . import jsonio
 
 RESULT = "result.json"
 ENGINE_STATE = "epi_state.pt"
 
 
 def json_safe(value: Any) -> Any:
-    """Return `value` with tuples as lists, numpy/torch scalars as Python numbers and NaN/inf as None."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalar
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    """Return `value` as it reads back from strict JSON: tuples as lists, numpy/torch scalars as numbers,
+    NaN/inf as None (epi.jsonio)."""
+    return json.loads(jsonio.dumps(value))
 
 
 def save_result(folder: str | Path, name: str, result: dict, settings: dict,
@@ -44,9 +32,10 @@ def save_result(folder: str | Path, name: str, result: dict, settings: dict,
     out.mkdir(parents=True, exist_ok=True)
     if engine_state is not None:
         import torch
-        _write_atomic(out / ENGINE_STATE, lambda p: torch.save(engine_state, p))
-    text = json.dumps({"settings": json_safe(settings), "result": json_safe(result)}, indent=1, allow_nan=False)
-    _write_atomic(out / RESULT, lambda p: p.write_text(text))  # written last: its presence means finished
+        tmp = out / f"{ENGINE_STATE}.tmp"
+        torch.save(engine_state, tmp)
+        os.replace(tmp, out / ENGINE_STATE)
+    jsonio.write_json(out / RESULT, {"settings": settings, "result": result})  # last: its presence means finished
     return out
 
 
@@ -78,4 +67,4 @@ def run_or_load(folder: str | Path, name: str, settings: dict, run: Callable[[],
         return saved, True
     result, engine_state = run()
     save_result(folder, name, result, settings, engine_state)
-    return json.loads(json.dumps(json_safe(result))), False
+    return json_safe(result), False

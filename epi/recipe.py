@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from .device import choose_precision as device_precision
 from .config import EPIConfig
 from .hf import TASK_KEY, EPICallback, EPITrainerMixin, TaskCollator
 from .tasks.formatting import collate, fit_example, pad_id, tokenize_records
@@ -34,19 +35,17 @@ CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in Tra
 
 def choose_precision(requested: str = "auto", *, cuda: bool, capability: Optional[tuple] = None,
                      profile: str = "") -> str:
-    """Return the training precision: `requested`, or for "auto" fp32 on CPU, bf16 autocast on GPUs of
-    compute capability >= 8 (bf16 weights in the `full` profile), fp16 autocast + GradScaler below (T4)."""
+    """Return the training precision: `requested`, or for "auto" `epi.device.choose_precision` (fp32 on CPU,
+    bf16 autocast on GPUs of compute capability >= 8, fp16 autocast + GradScaler below: T4) with bf16
+    weights instead of bf16 autocast in the `full` profile."""
     if requested != "auto":
         if requested not in PRECISIONS:
             raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {requested!r}")
         if requested == "fp16" and not cuda:
             raise ValueError("precision 'fp16' needs a CUDA GPU (GradScaler); on CPU use 'fp32' or 'bf16'")
         return requested
-    if not cuda:
-        return "fp32"
-    if capability is not None and capability[0] >= 8:
-        return "bf16_weights" if profile == "full" else "bf16"
-    return "fp16"
+    chosen = device_precision("cuda" if cuda else "cpu", capability)
+    return "bf16_weights" if chosen == "bf16" and profile == "full" else chosen
 
 
 def weights_dtype(precision: str) -> torch.dtype:
