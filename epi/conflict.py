@@ -60,7 +60,9 @@ def task_gradients(
                 raise ValueError(f"batches_by_task[{task!r}] holds no batch")
             for p in params:
                 p.grad = None
+            device = params[0].device
             for batch in batches:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with torch.enable_grad():
                     loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
                     (loss / len(batches)).backward()

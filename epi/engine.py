@@ -487,7 +487,8 @@ class EvolvingIsolation:
         self.step = int(state["step"])
         self.current_task = state["current_task"]
         self.tracker.load_state_dict(state["tracker"])
-        self._first = {k: [m.clone() for m in v] for k, v in state["first"].items()}
+        # on the parameters' device: a resume on a GPU must not index GPU masks with CPU indices
+        self._first = {k: [m.to(p.device, copy=True) for m, p in zip(v, self.params)] for k, v in state["first"].items()}
         self._sample_prev = {k: v.clone() for k, v in state["sample_prev"].items()}
         self.history = [dict(h) for h in state["history"]]
         self._forced = bool(state["forced"])
