@@ -175,7 +175,9 @@ class EPICallback(TrainerCallback):
         # optimizer.step() on overflow. Only GradScaler reads this flag.
         if getattr(base, "_step_supports_amp_scaling", False):
             base._step_supports_amp_scaling = False
-        if self.engine.isolator is None or self.engine.isolator.optimizer is not base:
+        if self.engine.isolator is not None and self.engine.isolator.optimizer is not base:
+            self.engine.detach()  # the callback reused with a new Trainer: its optimizer replaces the old one
+        if self.engine.isolator is None:
             self.engine.attach(base)
         return True
 

@@ -269,3 +269,17 @@ def test_callback_given_no_optimizer_attaches_at_the_first_optimizer_step():
     lost.on_train_begin(args, state, None, model=small_llama(), optimizer=None)
     with pytest.raises(RuntimeError, match="EPITrainerMixin"):
         lost.on_pre_optimizer_step(args, state, None, optimizer=None)
+
+
+def test_callback_reused_with_a_new_optimizer_moves_the_engine_to_it():
+    from types import SimpleNamespace
+
+    model = small_llama()
+    args, state = SimpleNamespace(deepspeed=None, output_dir="unused"), SimpleNamespace(global_step=0)
+    cb = EPICallback(EPIConfig(**CFG))
+    first, second = (torch.optim.AdamW(model.parameters(), lr=1e-2) for _ in range(2))
+    cb.on_train_begin(args, state, None, model=model, optimizer=first)
+    assert cb.engine.isolator.optimizer is first
+    cb.on_train_begin(args, state, None, model=model, optimizer=second)  # a second Trainer on the same model
+    assert cb.engine.isolator.optimizer is second
+    assert not first._optimizer_step_pre_hooks and not first._optimizer_step_post_hooks  # the old one is unhooked
