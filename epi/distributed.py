@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from .config import EPIConfig
 from .engine import EvolvingIsolation, to_bool
 from .importance import local
+from .jsonio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,9 @@ def run_distributed(out: str | os.PathLike, *, mode: str = "ddp", config: Option
         result["digests"] = [result["mask_digest"]]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"results_rank{rank}.json").write_text(json.dumps(result, indent=1))
+    write_json(out / f"results_rank{rank}.json", result)
     if rank == 0:
-        (out / "results.json").write_text(json.dumps(result, indent=1))
+        write_json(out / "results.json", result)
         torch.save({"weights": weights, "masks": masks}, out / "final.pt")
     return result
 

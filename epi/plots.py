@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -76,7 +76,6 @@ def per_layer_heatmap(history: Sequence[dict], ax=None, key: Optional[str] = Non
 
 def method_bars(df, columns: Sequence[str], ax=None, title: str = "", ylabel: str = "score"):
     """Plot mean ± sd over seeds of `columns` per method (grouped bars), seeds as dots."""
-    import pandas as pd
     import seaborn as sns
     ax = _ax(ax)
     long = df.melt(id_vars=["method", "seed"], value_vars=list(columns), var_name="metric", value_name="value")

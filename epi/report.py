@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .jsonio import write_json
+
 VERDICTS = ("supported", "not supported", "mixed", "not measured")
 
 
@@ -68,9 +70,7 @@ def write_summary(out: str | Path, notebook: str, *, profile: str, seeds: Sequen
     data = {"notebook": notebook, "profile": profile, "seeds": list(seeds), "hardware": hardware,
             "date": time.strftime("%Y-%m-%d"), "claims": claims, "tables": tables or {}, "figures": figs,
             "numbers": numbers or {}}
-    path = out / "summary.json"
-    path.write_text(json.dumps(data, indent=1, default=float))
-    return path
+    return write_json(out / "summary.json", data)
 
 
 def write_report(artifacts: str | Path, out: Optional[str | Path] = None, title: str = "EPI reproduction report",

@@ -5,7 +5,7 @@ import torch
 
 from epi import EPIConfig, EvolvingIsolation
 from epi.bench import random_model
-from epi.memory import LEAN, SAMPLE_BYTES, engine_bytes_per_param, estimate, model_shape, plan
+from epi.memory import LEAN, engine_bytes_per_param, estimate, model_shape, plan
 from epi.recipe import METHODS, choose_precision
 
 QWEN_05B = "qwen2.5-0.5b"  # the gpu profile's model shape (Qwen2.5-0.5B-Instruct's config), counted on meta
