@@ -10,7 +10,7 @@ SEED ?= 0
 PYTEST_ARGS ?=
 LAB_ARGS ?=
 
-.PHONY: test reproduce bench gpu-check lab install clean-venv
+.PHONY: test reproduce render bench gpu-check lab install clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: install
 
 reproduce: install
 	TQDM_DISABLE=$${TQDM_DISABLE:-0} MPLBACKEND=Agg $(PY) -m epi reproduce --profile $(PROFILE) --seed $(SEED) --out artifacts
+
+# Executed copies of notebooks 01-07 with their figures (what GitHub shows): docs/notebooks/
+RENDER_PROFILE ?= smoke
+render: install
+	$(PY) -m epi render --profile $(RENDER_PROFILE) --seed $(SEED)
 
 bench: install
 	$(PY) -m epi bench

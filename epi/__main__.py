@@ -161,6 +161,12 @@ def _reproduce(args) -> int:
     return reproduce_main(profile=args.profile, seed=args.seed, out=args.out)
 
 
+def _render(args) -> int:
+    from .reproduce import RENDERED, render
+    return render(profile=args.profile, seed=args.seed, out=args.out,
+                  notebooks=args.notebooks.split(",") if args.notebooks else RENDERED)
+
+
 def _gpu_check(args) -> int:
     from . import gpu_check
     try:
@@ -241,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="artifacts")
     r.set_defaults(func=_reproduce)
+
+    rn = sub.add_parser("render", help="executed copies of the notebooks, with figures, in docs/notebooks (for GitHub)")
+    rn.add_argument("--profile", default="smoke")
+    rn.add_argument("--seed", type=int, default=0)
+    rn.add_argument("--out", default="docs/notebooks")
+    rn.add_argument("--notebooks", default=None, help="comma-separated prefixes (default: 01,...,07)")
+    rn.set_defaults(func=_render)
 
     gc = sub.add_parser("gpu-check", help="the prepared GPU check: engine benchmark, Trainer path and notebook 07 "
                                           "on one GPU, offline, in <= 8 min (results/gpu; --device cpu rehearses it)")

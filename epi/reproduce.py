@@ -1,6 +1,8 @@
-"""`make reproduce`: execute notebooks 01–06 with papermill on a profile, then write the report.
+"""`make reproduce`: execute notebooks 01–06 with papermill on a profile, then write the report;
+`make render`: executed copies of every notebook (01–07) with their figures, for readers on GitHub.
 
   python -m epi reproduce --profile cpu      # the main job (default); --profile smoke for a quick pass
+  python -m epi render --profile smoke       # docs/notebooks/NN_name.ipynb, outputs included
 
 Executed notebooks go to artifacts/notebooks/, each notebook's outputs and summary.json to
 artifacts/<profile>/<notebook>/ (the notebooks' default, so `make test`'s smoke runs keep out of a cpu
@@ -9,9 +11,12 @@ to artifacts/report.md.
 """
 from __future__ import annotations
 
+import json
 import os
+import platform
 import time
 from pathlib import Path
+from typing import Sequence
 
 from .nb import repo_root
 from .report import write_report
@@ -19,27 +24,76 @@ from .report import write_report
 NOTEBOOKS = ("01", "02", "03", "04", "05", "06")
 
 
-def main(profile: str = "cpu", seed: int = 0, out: str = "artifacts") -> int:
-    """Run the notebooks in order and write <out>/report.md; return a process exit code."""
+def notebook(prefix: str) -> Path:
+    """Return the path of the notebook whose name starts with `prefix` (e.g. "01")."""
+    (nb,) = sorted((repo_root() / "notebooks").glob(f"{prefix}_*.ipynb"))
+    return nb
+
+
+def execute(prefix: str, profile: str, seed: int, executed: Path, out_dir: Path) -> Path:
+    """Execute one notebook with papermill into `executed`/<name>; outputs under `out_dir`/<profile>/<stem>,
+    runs under `out_dir`/runs. Return the executed copy's path."""
     import papermill as pm
-    root = repo_root()
-    out_dir = (root / out) if not Path(out).is_absolute() else Path(out)
-    (out_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    t_all = time.time()
     # the kernels inherit this process's environment (papermill passes none of its own): epi.nb.quiet() is True
     # there, so no progress widgets pile up in the executed notebooks; EPI_QUIET=0 keeps them
     os.environ.setdefault("EPI_QUIET", "1")
-    for prefix in NOTEBOOKS:
-        (nb,) = sorted((root / "notebooks").glob(f"{prefix}_*.ipynb"))
+    nb = notebook(prefix)
+    executed.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    print(f"[{profile}] {nb.name} · seed {seed}", flush=True)
+    wanted = {"PROFILE": profile, "SEED": seed, "OUTPUT_DIR": str(out_dir / profile / nb.stem),
+              "RUNS_DIR": str(out_dir / "runs")}
+    known = pm.inspect_notebook(str(nb))
+    pm.execute_notebook(str(nb), str(executed / nb.name), kernel_name="python3",
+                        parameters={k: v for k, v in wanted.items() if k in known},
+                        cwd=str(repo_root() / "notebooks"), progress_bar=False)
+    print(f"[{profile}] {nb.name} done in {time.time() - t0:.0f} s", flush=True)
+    return executed / nb.name
+
+
+RENDERED = ("01", "02", "03", "04", "05", "06", "07")
+
+
+def render(profile: str = "smoke", seed: int = 0, out: str = "docs/notebooks", work: str = "artifacts/render",
+           notebooks: Sequence[str] = RENDERED) -> int:
+    """Write executed copies of the notebooks (figures and tables included) to `out`, each opening with a note
+    of how it was made; return a process exit code."""
+    import torch
+    root = repo_root()
+    out_dir, work_dir = (Path(p) if Path(p).is_absolute() else root / p for p in (out, work))
+    hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+        f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    # figures are shown inline only by the notebook backend (the Agg backend CI uses shows nothing)
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    for prefix in notebooks:
         t0 = time.time()
-        print(f"[reproduce] {nb.name} · profile {profile} · seed {seed}", flush=True)
-        wanted = {"PROFILE": profile, "SEED": seed, "OUTPUT_DIR": str(out_dir / profile / nb.stem),
-                  "RUNS_DIR": str(out_dir / "runs")}
-        known = pm.inspect_notebook(str(nb))
-        pm.execute_notebook(str(nb), str(out_dir / "notebooks" / nb.name), kernel_name="python3",
-                            parameters={k: v for k, v in wanted.items() if k in known},
-                            cwd=str(root / "notebooks"), progress_bar=False)
-        print(f"[reproduce] {nb.name} done in {time.time() - t0:.0f} s", flush=True)
+        path = execute(prefix, profile, seed, work_dir / "executed", work_dir)
+        # the build machine's folders mean nothing to a reader: paths are shown relative to the repository
+        nb = json.loads(path.read_text().replace(str(root) + "/", "").replace(str(root), "."))
+        nb["metadata"].pop("papermill", None)
+        for cell in nb["cells"]:
+            cell.get("metadata", {}).pop("papermill", None)
+            cell.get("metadata", {}).pop("execution", None)
+        note = (f"> **Executed copy** of [`notebooks/{path.name}`](../../notebooks/{path.name}), made by "
+                f"`python -m epi render --profile {profile} --seed {seed}` on {time.strftime('%Y-%m-%d')} "
+                f"({hardware}, torch {torch.__version__}) in {time.time() - t0:.0f} s. Profile `{profile}`"
+                + (": tiny sizes that show every step and figure; the numbers are not results — the measured "
+                   "cpu-profile numbers are in each notebook's Results log and the report." if profile == "smoke"
+                   else "."))
+        nb["cells"].insert(0, {"cell_type": "markdown", "id": "rendered-note", "metadata": {}, "source": [note]})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / path.name).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    print(f"[render] wrote {len(notebooks)} notebook(s) to {out_dir}")
+    return 0
+
+
+def main(profile: str = "cpu", seed: int = 0, out: str = "artifacts") -> int:
+    """Run the notebooks in order and write <out>/report.md; return a process exit code."""
+    root = repo_root()
+    out_dir = (root / out) if not Path(out).is_absolute() else Path(out)
+    t_all = time.time()
+    for prefix in NOTEBOOKS:
+        execute(prefix, profile, seed, out_dir / "notebooks", out_dir)
     report = write_report(out_dir / profile, out=out_dir / "report.md", notebooks=NOTEBOOKS,
                           title=f"EPI reproduction report (profile {profile}, seed {seed})")
     print(f"[reproduce] wrote {report} in {time.time() - t_all:.0f} s")
