@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -68,7 +69,10 @@ class Plan:
     grad_accum: int = 4
     trainer_refresh_every: int = 8
     trainer_warmup: int = 4
-    notebook_steps: int = 24  # plan(): the gpu profile's warm-up (20) + 4 isolated steps per EPI method
+    notebook_steps: int = 12  # per method: 4 warm-up steps, then refreshes every 4 and 8 isolated steps
+    notebook_warmup: int = 4
+    notebook_refresh_every: int = 4
+    notebook_train_records: int = 64  # per task, from the stand-in mirror
     notebook_eval: int = 4
     notebook_new_tokens: int = 32
     estimates_s: Dict[str, float] = field(default_factory=dict)  # part -> seconds it needs at most, expected
@@ -94,12 +98,11 @@ def plan(device: str = "cuda", shapes: Optional[Sequence[str]] = None, budget_s:
     elif device == "cpu":
         p = Plan(device="cpu", shapes=("qwen2-tiny",), budget_s=240.0, reps=3, batch=2, seq=32,
                  model_shape="qwen2-tiny", trainer_steps=8, trainer_micro_batch=2, trainer_seq=32,
-                 trainer_refresh_every=2, trainer_warmup=2, notebook_eval=2, notebook_new_tokens=8,
+                 trainer_refresh_every=2, trainer_warmup=2, notebook_steps=8, notebook_warmup=2,
+                 notebook_refresh_every=3, notebook_train_records=32, notebook_eval=2, notebook_new_tokens=8,
                  estimates_s={"trainer": 10.0, "notebook 07": 45.0})
     else:
         raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
-    from .experiment import resolve
-    p.notebook_steps = resolve("gpu").warmup_steps + 4  # fewer would end inside the warm-up: nothing protected
     if shapes:
         from .bench import SHAPES
         unknown = [s for s in shapes if s not in SHAPES]
@@ -182,16 +185,15 @@ def trainer_part(p: Plan, work: Path) -> dict:
     return {"model_shape": p.model_shape, "runs": runs, "ok": all(r["ok"] for r in runs)}
 
 
-def stand_in_datasets(folder: Path) -> Optional[Dict[str, str]]:
-    """Return the environment that sends the hub loader to a stand-in mirror written to `folder` (enough
-    training rows for the gpu profile's train_records), or None when this `epi` has no mirror writer."""
+def stand_in_datasets(folder: Path, n_train: int, n_eval: int) -> Optional[Dict[str, str]]:
+    """Return the environment that sends the hub loader to a stand-in mirror written to `folder`, or None
+    when this `epi` has no mirror writer."""
     try:
-        from .experiment import resolve
         from .tasks.hub import MIRROR_ENV
         from .tasks.mirror import write_mirror
     except ImportError:
         return None
-    write_mirror(folder, n_train=resolve("gpu").train_records)
+    write_mirror(folder, n_train=n_train, n_eval=n_eval)
     return {MIRROR_ENV: str(folder)}
 
 
@@ -200,13 +202,16 @@ def notebook_part(p: Plan, work: Path, timeout_s: float) -> dict:
     from .bench import save_random_model
     from .nb import repo_root
     root = repo_root()
-    env = stand_in_datasets(work / "hub-mirror")
+    env = stand_in_datasets(work / "hub-mirror", p.notebook_train_records, max(4, p.notebook_eval))
     if env is None:
         return {"skipped": "stand-in datasets not available (this epi has no epi.tasks.mirror.write_mirror)"}
     model_dir = save_random_model(p.model_shape, work / f"model-{p.model_shape}")
     out_dir = work / "notebook07"
+    shutil.rmtree(out_dir, ignore_errors=True)  # the gpu profile reloads finished methods: train them afresh
     params = {"PROFILE": "gpu", "SEED": 0, "MODEL_NAME": str(model_dir), "OUTPUT_DIR": str(out_dir),
-              "MAX_STEPS": p.notebook_steps, "EVAL_LIMIT": p.notebook_eval, "MAX_NEW_TOKENS": p.notebook_new_tokens}
+              "MAX_STEPS": p.notebook_steps, "WARMUP_STEPS": p.notebook_warmup,
+              "REFRESH_EVERY": p.notebook_refresh_every, "TRAIN_RECORDS": p.notebook_train_records,
+              "EVAL_LIMIT": p.notebook_eval, "MAX_NEW_TOKENS": p.notebook_new_tokens}
     executed = work / "07_gpu_multitask_sft.executed.ipynb"
     env = {**os.environ, **env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TQDM_DISABLE": "1", "MPLBACKEND": "Agg",
@@ -229,12 +234,23 @@ def notebook_part(p: Plan, work: Path, timeout_s: float) -> dict:
     summary = json.loads((out_dir / "summary.json").read_text())
     numbers = summary.get("numbers", {})
     drift = numbers.get("max_protected_drift")
+    methods = numbers.get("methods") or []
     return {"params": params, "papermill_s": wall, "precision": numbers.get("precision"),
-            "device": numbers.get("device"),
-            "methods": numbers.get("methods"), "steps": numbers.get("steps"), "train_s": numbers.get("train_s"),
-            "eval_s": numbers.get("eval_s"), "max_protected_drift": drift,
+            "device": numbers.get("device"), "methods": methods, "methods_asked": numbers.get("methods_asked"),
+            "steps": numbers.get("steps"), "train_s": numbers.get("train_s"), "eval_s": numbers.get("eval_s"),
+            "peak_gib": {m: _saved_result(Path(numbers.get("save_dir") or out_dir / "methods"), m).get("peak_gib")
+                         for m in methods},
+            "max_protected_drift": drift,
             "claims": [{k: c.get(k) for k in ("claim", "verdict")} for c in summary.get("claims", [])],
             "ok": drift == 0.0}
+
+
+def _saved_result(save_dir: Path, method: str) -> dict:
+    """Return the result notebook 07 saved for `method` (epi.method_store), or {} when there is none."""
+    try:
+        return json.loads((save_dir / method / "result.json").read_text()).get("result", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _last_error(text: str) -> str:
@@ -397,12 +413,19 @@ def markdown(record: dict, prov: dict) -> str:
                          f"| {t['isolation_mode']} | {_fmt(t['train_s'], 1)} | {_fmt(t.get('peak_gib'), 2)} |")
     nb = by_name.get("notebook 07", {}).get("result")
     if nb and nb.get("train_s"):
-        lines += ["", f"## Notebook 07 (PROFILE=gpu, random-init {Path(nb['params']['MODEL_NAME']).name}, stand-in "
-                      f"datasets, {nb['steps']} steps per method, {nb['params']['EVAL_LIMIT']} prompts per task)", "",
+        prm = nb["params"]
+        left_out = sorted(set(nb.get("methods_asked") or []) - set(nb["methods"]))
+        lines += ["", f"## Notebook 07 (PROFILE=gpu, random-init {Path(prm['MODEL_NAME']).name}, stand-in datasets "
+                      f"of {prm['TRAIN_RECORDS']} records per task, {nb['steps']} steps per method ("
+                      f"{prm['WARMUP_STEPS']} warm-up, refresh every {prm['REFRESH_EVERY']}), "
+                      f"{prm['EVAL_LIMIT']} prompts per task)", "",
                   f"papermill {nb['papermill_s']:.0f} s · precision {nb['precision']} · max protected drift "
-                  f"{_fmt(nb['max_protected_drift'], 1)}", "", "| method | train (s) | eval (s) |", "|---|---|---|"]
-        for m in nb["methods"] or []:
-            lines.append(f"| {m} | {_fmt(nb['train_s'].get(m), 1)} | {_fmt((nb['eval_s'] or {}).get(m), 1)} |")
+                  f"{_fmt(nb['max_protected_drift'], 1)}"
+                  + (f" · left out by the memory plan: {', '.join(left_out)}" if left_out else ""), "",
+                  "| method | train (s) | eval (s) | peak GiB |", "|---|---|---|---|"]
+        for m in nb["methods"]:
+            lines.append(f"| {m} | {_fmt(nb['train_s'].get(m), 1)} | {_fmt((nb['eval_s'] or {}).get(m), 1)} "
+                         f"| {_fmt((nb.get('peak_gib') or {}).get(m), 2)} |")
     return "\n".join(lines) + "\n"
 
 
