@@ -27,7 +27,6 @@ import datetime
 import importlib.util
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -261,6 +260,13 @@ def _last_error(text: str) -> str:
 
 
 # ---- running, budget, files ------------------------------------------------------------------------------
+def _free(device: str) -> None:
+    import gc
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def _missing_for_notebook() -> List[str]:
     return [m for m in ("papermill", "ipykernel", "datasets") if importlib.util.find_spec(m) is None]
 
@@ -293,13 +299,16 @@ def run_part(name: str, estimate_s: float, left_s: float, fn: Callable[[], dict]
 def run_check(p: Plan, out: Path, work: Path, command: str, say: Callable[[str], None] = log.info) -> dict:
     """Run every part within `p.budget_s`, write gpu_check.md / gpu_check.json / provenance.json to `out`;
     return the JSON record. Raises NoGPUError first when the plan needs CUDA and none is present."""
+    from .jsonio import write_json
     require_device(p.device)
     t0 = time.perf_counter()
     out, work = Path(out), Path(work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    left = lambda: p.budget_s - (time.perf_counter() - t0)  # noqa: E731
     parts: List[dict] = []
+
+    def left() -> float:
+        return p.budget_s - (time.perf_counter() - t0)
 
     def part(name: str, fn: Callable[[], dict], needs: Sequence[str] = ()) -> None:
         if needs:
@@ -309,6 +318,7 @@ def run_check(p: Plan, out: Path, work: Path, command: str, say: Callable[[str],
         else:
             record = run_part(name, p.estimate(name), left(), fn)
         parts.append(record)
+        _free(p.device)  # a part that failed on the GPU leaves nothing behind for the next one
         reason = f" · {record['reason']}" if record["reason"] else ""
         say(f"{name}: {record['status']} in {record['wall_s']:.1f} s{reason}")
 
@@ -319,22 +329,11 @@ def run_check(p: Plan, out: Path, work: Path, command: str, say: Callable[[str],
     record = {"command": command, "device": p.device, "budget_s": p.budget_s,
               "wall_s": round(time.perf_counter() - t0, 1), "plan": asdict(p), "parts": parts,
               "ok": all(r["status"] in ("ok", "skipped") for r in parts)}
-    record = finite(record)
-    (out / "gpu_check.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
-    (out / "provenance.json").write_text(json.dumps(finite(provenance(p, command)), indent=1, allow_nan=False) + "\n")
-    (out / "gpu_check.md").write_text(markdown(record, provenance(p, command)))
-    return record
-
-
-def finite(obj):
-    """Return `obj` with every NaN or infinite float replaced by None (strict JSON), recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
+    prov = provenance(p, command)
+    write_json(out / "gpu_check.json", record)  # strict JSON: a number that is not finite is written as null
+    write_json(out / "provenance.json", prov)
+    (out / "gpu_check.md").write_text(markdown(record, prov))
+    return json.loads((out / "gpu_check.json").read_text())
 
 
 def provenance(p: Plan, command: str) -> dict:
