@@ -80,3 +80,22 @@ def test_the_link_checker_catches_a_missing_file_and_a_missing_heading(tmp_path)
     page.write_text("[ok](a.md#q2-pretrained-base-then-one-task) [web](https://example.org/x.md) "
                     "[gone](missing.md) [bad anchor](a.md#nope) ![img](also-missing.png)")
     assert broken_links(page) == ["missing.md", "a.md#nope"]
+
+
+def _code_cells(nb: dict) -> list:
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"
+            and "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+
+
+@pytest.mark.parametrize("source", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_every_notebook_has_an_executed_copy_in_step_with_its_source(source):
+    """docs/notebooks/<name> (what GitHub readers open) runs the notebook's current code and shows its figures."""
+    copy = ROOT / "docs" / "notebooks" / source.name
+    assert copy.is_file(), f"{copy} is missing: run `make render`"
+    rendered, original = json.loads(copy.read_text()), json.loads(source.read_text())
+    assert _code_cells(rendered) == _code_cells(original), f"{copy} is stale: run `make render`"
+    assert "Executed copy" in "".join(rendered["cells"][0]["source"])
+    outputs = [o for c in rendered["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "no figure in the executed copy"
+    assert "/work/" not in copy.read_text() and str(ROOT) not in copy.read_text()  # no build-machine paths
