@@ -1,4 +1,5 @@
 """environment.yml (exact pins) agrees with pyproject.toml (floors); the CLI and CI entry exist."""
+import os
 import re
 import shutil
 import subprocess
@@ -74,7 +75,10 @@ def test_make_lab_opens_the_notebooks_with_the_venvs_jupyter():
     """`make lab` installs what `make test` installs (the same .venv) and starts that venv's JupyterLab."""
     if not shutil.which("make"):
         pytest.skip("make is missing")
-    plan = subprocess.run(["make", "-n", "-B", "lab"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    # under `make test` the parent make's MAKEFLAGS/MAKELEVEL would add "make[1]: Entering directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    plan = subprocess.run(["make", "--no-print-directory", "-n", "-B", "lab"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True).stdout
     lines = plan.splitlines()
     assert any('pip install -q -e ".[test]"' in line for line in lines), "the install step of make test"
     assert lines[-1].split()[:3] == [".venv/bin/jupyter", "lab", "notebooks"]
