@@ -22,9 +22,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .config import EPIConfig
-from .engine import isolatable
-from .importance import ImportanceTracker
+from .engine.config import EPIConfig
+from .engine.core import isolatable
+from .engine.importance import ImportanceTracker
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Dict, List
 
 import torch
 
-from .config import EPIConfig
-from .engine import EvolvingIsolation
-from .masks import layer_scales, radix_threshold
+from .engine.config import EPIConfig
+from .engine.core import EvolvingIsolation
+from .engine.masks import layer_scales, radix_threshold
 
 SHAPES: Dict[str, dict] = {
     # SmolLM2-135M's architecture (random init; only the shape matters for timing)

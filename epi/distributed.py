@@ -1,4 +1,4 @@
-"""Distributed EPI: support checks, FSDP2 helpers and a small DDP / FSDP2 experiment entry point.
+"""Distributed EPI: FSDP2 helpers and a small DDP / FSDP2 experiment entry point.
 
     python -m torch.distributed.run --nproc_per_node=2 -m epi.distributed --out DIR --mode ddp fsdp2 single
 
@@ -7,17 +7,12 @@ writes DIR/<mode>-<scope>/results.json (per-rank mask digests, losses) and final
 gathered masks, rank 0). "single" runs on rank 0 only, unsharded, with the whole global batch: the
 reference the distributed runs must match.
 
-What the engine needs from each back-end (docs/distributed.md):
-  DDP   — gradients are all-reduced during backward, so observe after backward sees the global gradient and
-          every rank computes the same importance and masks: no group, no communication.
-  FSDP2 — parameters are DTensor shards; the engine keeps shard-local buffers and passes the shard group so
-          the top-p threshold and layer means are all-reduced (`shard_group`).
-  FSDP1 and DeepSpeed are refused by `check_supported` with what to use instead.
+What the engine needs from each back-end, and which back-ends it refuses, is epi.engine.backends
+(docs/distributed.md).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import sys
@@ -27,78 +22,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .config import EPIConfig
-from .engine import EvolvingIsolation, to_bool
-from .importance import local
+from .engine.config import EPIConfig
+from .engine.core import EvolvingIsolation, to_bool
+from .engine.importance import local
+from .engine.masks import masks_digest
+from .engine.backends import shard_group
 from .jsonio import write_json
 
 log = logging.getLogger(__name__)
-
-_UNSUPPORTED_HINT = "use FSDP2 (torch.distributed.fsdp.fully_shard; accelerate fsdp_version: 2) or DDP"
-
-
-def _is_deepspeed(obj: Any) -> bool:
-    cls = type(obj)
-    return cls.__module__.split(".")[0] == "deepspeed" or cls.__name__.startswith("DeepSpeed")
-
-
-def check_supported(model: torch.nn.Module, optimizer: Any = None) -> None:
-    """Raise NotImplementedError for back-ends whose parameters or hooks the engine cannot address.
-
-    FSDP1 (FullyShardedDataParallel) flattens parameters into FlatParameters (use_orig_params=False) or 1-D
-    views of unspecified layout (True); DeepSpeed ZeRO keeps gradients in flat fp32 partitions
-    (`param.grad` is None) and fires every Trainer hook after its update.
-    """
-    for m in model.modules():
-        if type(m).__name__ == "FullyShardedDataParallel":
-            raise NotImplementedError(f"FSDP1 (FullyShardedDataParallel) is not supported: per-element masks need "
-                                      f"unflattened parameters; {_UNSUPPORTED_HINT}")
-    if any(getattr(p, "_is_flat_param", False) for p in model.parameters()):
-        raise NotImplementedError(f"FSDP1 FlatParameter found: per-element masks need unflattened parameters; "
-                                  f"{_UNSUPPORTED_HINT}")
-    chain, opt = [model], optimizer
-    while opt is not None and len(chain) < 8:
-        chain.append(opt)
-        opt = getattr(opt, "optimizer", None)
-    if any(_is_deepspeed(o) for o in chain):
-        raise NotImplementedError(f"DeepSpeed is not supported: ZeRO keeps gradients in flat fp32 partitions and "
-                                  f"steps before any Trainer hook; {_UNSUPPORTED_HINT}")
-
-
-def shard_group(model: torch.nn.Module):
-    """Return the process group over which the model's parameters are sharded (FSDP2), else None.
-
-    DDP and single-device models are replicated: the engine must then NOT reduce over ranks (k and the
-    layer means would count every coordinate world_size times). HSDP (replicate × shard): the shard dim.
-    """
-    for p in model.parameters():
-        mesh = getattr(p, "device_mesh", None)
-        if mesh is None:
-            continue
-        dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
-        if not dims:
-            return None
-        if len(dims) > 1:
-            raise NotImplementedError("parameters sharded over several mesh dimensions (e.g. FSDP × TP) are not "
-                                      "supported; shard over one dimension (FSDP2 or HSDP)")
-        return mesh.get_group(dims[0])
-    return None
-
-
-def assert_same_task(task: str, device: torch.device) -> None:
-    """Raise ValueError unless every rank's optimizer step has this task (no-op on one process).
-
-    Per-task masks differ by task: ranks on different tasks would let DDP replicas diverge, and FSDP2
-    collectives in a refresh would not match up.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    h = int.from_bytes(hashlib.sha256(task.encode()).digest()[:7], "big")
-    t = torch.tensor([h, -h], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    if int(t[0]) != h or int(t[1]) != -h:
-        raise ValueError(f"ranks disagree on the task of this optimizer step (rank {dist.get_rank()}: {task!r}); "
-                         "with scope='per_task' every rank must train the same task each step")
 
 
 def _full(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -118,16 +49,6 @@ def gather_masks(engine: EvolvingIsolation) -> Dict[str, List[torch.Tensor]]:
     """Return every scope key's protected set as full bool tensors (all ranks must call it under FSDP2)."""
     return {key: [_full(to_bool(m, local(p)), p).cpu() for m, p in zip(entries, engine.params)]
             for key, entries in sorted(engine.sets.items())}
-
-
-def digest(sets: Dict[str, Sequence[torch.Tensor]]) -> str:
-    """Return the sha256 digest `EvolvingIsolation.mask_digest` computes, for full (gathered) masks."""
-    h = hashlib.sha256()
-    for key in sorted(sets):
-        h.update(key.encode())
-        for m in sets[key]:
-            h.update(m.cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 # ---- the experiment ---------------------------------------------------------------------------------------
@@ -213,7 +134,7 @@ def run_distributed(out: str | os.PathLike, *, mode: str = "ddp", config: Option
                for k, v in model.state_dict().items()}
     result = {"mode": mode, "rank": rank, "world_size": world, "steps": steps, "global_batch": global_batch,
               "config": config.to_dict(), "losses": losses.cpu().tolist(), "state": engine.state,
-              "mask_digest": engine.mask_digest(), "full_mask_digest": digest(masks),
+              "mask_digest": engine.mask_digest(), "full_mask_digest": masks_digest(masks),
               "refresh_steps": [h["step"] for h in engine.history]}
     if world > 1:
         gathered: List[Any] = [None] * world

@@ -171,7 +171,7 @@ class ExperimentConfig:
 
     def epi_config(self, **changes):
         """Return the EPIConfig (epi.config) of this run's isolation settings, with `changes` applied."""
-        from .config import EPIConfig
+        from .engine.config import EPIConfig
         values = dict(score=self.score, beta=self.beta, ratio=self.ratio, refresh_every=self.refresh_every or None,
                       warmup_steps=self.warmup_steps, normalize=self.normalize, seed=self.seed)
         values.update(changes)

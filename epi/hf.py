@@ -41,9 +41,9 @@ import torch.distributed as dist
 from transformers import TrainerCallback, default_data_collator
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .config import EPIConfig
-from .distributed import assert_same_task, check_supported, shard_group
-from .engine import EvolvingIsolation
+from .engine.config import EPIConfig
+from .engine.backends import assert_same_task, check_supported, shard_group
+from .engine.core import EvolvingIsolation
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from .config import EPIConfig
+from .engine.config import EPIConfig
 
 GIB = 2 ** 30
 LEAN = dict(importance_dtype="bfloat16", mask_format="index")
@@ -52,7 +52,7 @@ def model_shape(name: str) -> ModelShape:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .bench import SHAPES, shape_config
-    from .engine import isolatable
+    from .engine.core import isolatable
     from .models import count_parameters, tiny_config
     if name in SHAPES:
         config = shape_config(name)

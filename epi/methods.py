@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
 
-from .config import EPIConfig
-from .engine import isolatable
-from .importance import ImportanceTracker
+from .engine.config import EPIConfig
+from .engine.core import isolatable
+from .engine.importance import ImportanceTracker
 from .train import Plugin
 
 if TYPE_CHECKING:  # pragma: no cover

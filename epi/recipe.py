@@ -22,7 +22,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from .device import choose_precision as device_precision
-from .config import EPIConfig
+from .engine.config import EPIConfig
 from .hf import TASK_KEY, EPICallback, EPITrainerMixin, TaskCollator
 from .tasks.formatting import collate, fit_example, pad_id, tokenize_records
 

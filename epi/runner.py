@@ -21,8 +21,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from .config import EPIConfig
-from .engine import EvolvingIsolation, isolatable
+from .engine.config import EPIConfig
+from .engine.core import EvolvingIsolation, isolatable
 from .experiment import NOT_SETTINGS, ExperimentConfig
 from .jsonio import write_json
 

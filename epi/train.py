@@ -28,17 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .device import to_device
+from .progress import progress_disabled
 
 log = logging.getLogger(__name__)
 
 Batch = Dict[str, torch.Tensor]
 BatchFn = Callable[[int], Tuple[str, Batch]]
-
-
-def progress_disabled() -> Optional[bool]:
-    """Return tqdm's `disable`: True under TQDM_DISABLE (tqdm.notebook ignores the variable), else None
-    (tqdm's own rule: no bar when the output is not a terminal)."""
-    return True if os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false") else None
 
 
 @dataclass

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from epi import EPIConfig, EvolvingIsolation
-from epi.importance import ImportanceTracker
-from epi.masks import top_p_masks
+from epi.engine.importance import ImportanceTracker
+from epi.engine.masks import top_p_masks
 from helpers import small_llama
 
 VOCAB = 48

@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from helpers import ROOT, small_llama
 from epi import EPIConfig, EvolvingIsolation
-from epi.distributed import check_supported, digest, gather_masks, shard_group
+from epi.engine.backends import check_supported, shard_group
+from epi.engine.masks import masks_digest
+from epi.distributed import gather_masks
 from epi.hf import EPICallback
 
 SCOPES = ("global", "per_task")
@@ -144,4 +146,4 @@ def test_replicated_models_reduce_over_no_group_and_gather_to_their_own_masks():
     check_supported(model, torch.optim.AdamW(model.parameters()))
     engine = EvolvingIsolation(model, EPIConfig(ratio=0.1))
     engine.random_masks(0.1)
-    assert digest(gather_masks(engine)) == engine.mask_digest()
+    assert masks_digest(gather_masks(engine)) == engine.mask_digest()

@@ -258,7 +258,7 @@ def test_set_scores_and_random_masks_protect_the_requested_share():
 
 def test_scaling_an_ema_leaves_the_mask_unchanged():
     """Per-tensor mean normalisation and top-p are scale invariant (so a plain decay is a no-op)."""
-    from epi.masks import top_p_masks
+    from epi.engine.masks import top_p_masks
     imp = [torch.rand(20, 30), torch.rand(50) ** 2]
     a = top_p_masks(imp, 0.1)
     b = top_p_masks([t * 0.37 for t in imp], 0.1)
@@ -266,7 +266,7 @@ def test_scaling_an_ema_leaves_the_mask_unchanged():
 
 
 def test_hysteresis_releases_only_below_the_wider_set():
-    from epi.masks import top_p_masks
+    from epi.engine.masks import top_p_masks
     g = torch.Generator().manual_seed(0)
     old = [torch.rand(1000, generator=g)]
     prev = top_p_masks(old, 0.1, normalize="none")

@@ -8,7 +8,7 @@ import torch
 
 from epi import bench, gpu_check, recipe
 from epi.__main__ import main
-from epi.engine import ActiveMask
+from epi.engine.core import ActiveMask
 
 PART_HEADER = "| part | status | wall (s) | result or reason |"
 BENCH_HEADER = ("| shape | params | plain step (s) | EPI step (s) | step ratio | lean step ratio | refresh radix (s) "

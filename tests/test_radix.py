@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from epi.masks import radix_threshold, top_p_masks
+from epi.engine.masks import radix_threshold, top_p_masks
 
 
 def kth_largest(tensors, k):

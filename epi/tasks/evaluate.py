@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from epi.train import progress_disabled
+from epi.progress import progress_disabled
 
 from epi.tasks.formatting import IGNORE_INDEX, pad_id, tokenize_records
+from epi.tasks.scoring import score
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,6 @@ def evaluate(model: Any, tokenizer: Any, tasks: Mapping[str, Any], split: str | 
     response (end-of-turn included) given its prompt, as trained. Runs under ``torch.no_grad()`` in eval
     mode and restores the model's previous mode.
     """
-    from epi.tasks import score  # lazy: the scorers live in the task package
 
     results: dict[str, dict] = {}
     for name, value in tasks.items():

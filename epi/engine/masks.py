@@ -11,7 +11,8 @@ non-zero importance the realised count is smaller than k (a threshold of 0 used 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import hashlib
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -195,3 +196,14 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denom = float((rx.square().sum() * ry.square().sum()).sqrt())
     return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
+
+
+def masks_digest(sets: Dict[str, Sequence[torch.Tensor]]) -> str:
+    """Return a sha256 digest of protected sets ({scope key: bool masks}): identical masks give identical
+    digests (what results records and the distributed runs compare)."""
+    h = hashlib.sha256()
+    for key in sorted(sets):
+        h.update(key.encode())
+        for m in sets[key]:
+            h.update(m.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -7,7 +7,6 @@ State machine (inspectable as `iso.state`):
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import weakref
@@ -16,10 +15,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .backends import check_supported
 from .config import EPIConfig
 from .importance import ImportanceTracker, all_finite, local
 from .isolation import Isolator
-from .masks import index_overlap, mask_overlap, random_masks, spearman, top_p_masks
+from .masks import index_overlap, mask_overlap, masks_digest, random_masks, spearman, top_p_masks
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ class EvolvingIsolation:
     """
 
     def __init__(self, model: torch.nn.Module, config: Optional[EPIConfig] = None, *, group=None):
-        from .distributed import check_supported
         check_supported(model)  # FSDP1 / DeepSpeed: refused with what to use instead
         self.config = config or EPIConfig()
         self.model = model
@@ -357,12 +356,7 @@ class EvolvingIsolation:
 
     def mask_digest(self) -> str:
         """Return a sha256 digest of the current protected sets (identical masks → identical digests)."""
-        h = hashlib.sha256()
-        for key in sorted(self.sets):
-            h.update(key.encode())
-            for m in self._bools(self.sets[key]):
-                h.update(m.cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return masks_digest({key: self._bools(entries) for key, entries in self.sets.items()})
 
     # ---- refresh -------------------------------------------------------------------------------------
     def _after_step(self) -> None:

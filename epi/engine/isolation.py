@@ -20,7 +20,7 @@ import torch
 from .importance import local
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import EvolvingIsolation
+    from .core import EvolvingIsolation
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW)
 
