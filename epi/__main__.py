@@ -83,7 +83,7 @@ def _refuse(message: str) -> int:
 def _run(args) -> int:
     from .experiment import resolve
     from .runner import RunRefused, output_folder, run_experiment
-    from .train import CheckpointError
+    from .training.checkpoints import CheckpointError
     try:
         config = resolve(args.profile, **_overrides(args))
     except ValueError as e:
@@ -103,7 +103,7 @@ def _grid(args) -> int:
     from .experiment import resolve
     from .methods import METHODS, MIX_ONLY
     from .runner import RunRefused, output_folder, run_grid
-    from .train import CheckpointError
+    from .training.checkpoints import CheckpointError
     methods = sorted(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         overrides = _overrides(args)

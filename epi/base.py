@@ -46,11 +46,11 @@ def base_dir(cfg, cache_dir: Optional[str] = None) -> Path:
 
 def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> Path:
     """Pre-train the tiny model on a balanced mix of all abilities and cache it; return its folder."""
-    from .data import StepData, balanced_schedule, eval_records, make_batchers
-    from .device import describe, resolve_device
+    from .training.data import StepData, balanced_schedule, eval_records, make_batchers
+    from .training.device import describe, resolve_device
     from .models import load_model, save_model
     from .tasks import ABILITIES, evaluate
-    from .train import TrainConfig, make_optimizer, seed_everything, train_steps
+    from .training.loop import TrainConfig, make_optimizer, seed_everything, train_steps
 
     out = base_dir(cfg, cache_dir)
     t0 = time.time()

@@ -96,7 +96,7 @@ def run_distributed(out: str | os.PathLike, *, mode: str = "ddp", config: Option
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from .train import LoopState, train_steps
+    from .training.loop import LoopState, train_steps
 
     if mode not in ("ddp", "fsdp2", "single"):
         raise ValueError(f"mode must be 'ddp', 'fsdp2' or 'single', got {mode!r}")

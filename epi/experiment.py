@@ -102,7 +102,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         """Validate every setting (type, range, finiteness, choice), naming the field and what it allows,
         so that a bad value fails here, before any model, data or folder is built."""
-        from .device import PRECISIONS, check_device
+        from .training.device import PRECISIONS, check_device
         from .methods import METHODS, MIX_ONLY  # late import: methods imports this module
         from .tasks import ABILITIES, REAL_TASKS
         from .tasks.synthetic import DIFFICULTIES

@@ -238,7 +238,8 @@ class EPICallback(TrainerCallback):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no EPI engine state at {path}: resume from a checkpoint written with "
                                     "EPICallback, or pass EPICallback(resume_from=<checkpoint folder>)")
-        from .train import safe_load  # tensors and plain values only: a planted pickle cannot run code
+        # tensors and plain values only: a planted pickle cannot run code
+        from .training.checkpoints import safe_load
         blob = safe_load(path, "delete that checkpoint folder or resume from another one")
         if global_step is not None and blob["global_step"] != global_step:
             raise ValueError(f"{path} holds the engine at step {blob['global_step']}, the Trainer resumes at "

@@ -15,7 +15,7 @@ import torch
 from .engine.config import EPIConfig
 from .engine.core import isolatable
 from .engine.importance import ImportanceTracker
-from .train import Plugin
+from .training.loop import Plugin
 
 if TYPE_CHECKING:  # pragma: no cover
     from .runner import Run

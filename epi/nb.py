@@ -93,7 +93,7 @@ def setup_notebook(seed: int = 0, out: str | Path = "artifacts", profile: str = 
     import torch
     import transformers
     from .plots import set_style
-    from .train import seed_everything
+    from .training.loop import seed_everything
     transformers.logging.set_verbosity_error()
     if threads is None and quiet():
         threads = 1  # CI runs notebooks side by side on 2 cores: oversubscribed OpenMP threads crawl
@@ -106,7 +106,7 @@ def setup_notebook(seed: int = 0, out: str | Path = "artifacts", profile: str = 
     if not out.is_absolute():
         out = repo_root() / out
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    from .device import describe, resolve_device, resolve_precision
+    from .training.device import describe, resolve_device, resolve_precision
     device = resolve_device("auto")
     return {"profile": profile, "seed": seed, "out": out, "device": describe(device),
             "precision": resolve_precision("auto", device),

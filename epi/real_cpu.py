@@ -56,7 +56,7 @@ def measure_base(config: ExperimentConfig, real_data: Optional[Path] = REAL_DATA
     """Return the base model's general ability, EPI-Mini scores and real-slice scores (before any SFT)."""
     import torch
 
-    from .data import eval_records
+    from .training.data import eval_records
     from .general import GeneralProbe
     from .models import load_model
     from .tasks import ABILITIES, evaluate, load_task

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from .device import choose_precision as device_precision
+from .training.device import choose_precision as device_precision
 from .engine.config import EPIConfig
 from .hf import TASK_KEY, EPICallback, EPITrainerMixin, TaskCollator
 from .tasks.formatting import collate, fit_example, pad_id, tokenize_records

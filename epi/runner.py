@@ -61,7 +61,7 @@ class Run:
     """One experiment in progress: model, data, optimizer, engine, method, evaluations."""
 
     def __init__(self, config: ExperimentConfig, out: Path, say: Callable[[str], None] = log.info):
-        from .device import resolve_device, resolve_precision
+        from .training.device import resolve_device, resolve_precision
         from .methods import make_method
         self.config, self.out, self.say = config, Path(out), say
         self.device = resolve_device(config.device)
@@ -118,9 +118,9 @@ class Run:
     def probe(self, tasks: List[str], steps: int):
         """Return ({task: [Δθ]}, {task: [θ_probe]}): short single-task fine-tunes from the start weights
         (CPI-FT Stage 1), on the isolatable tensors, each with a fresh optimizer."""
-        from .data import StepData
-        from .device import make_scaler
-        from .train import TrainConfig, make_optimizer, train_steps
+        from .training.data import StepData
+        from .training.device import make_scaler
+        from .training.loop import TrainConfig, make_optimizer, train_steps
         cfg = self.config
         start = self.start_isolatable()
         deltas, probes = {}, {}
@@ -173,7 +173,7 @@ class Run:
     def resume_point(self) -> Optional[dict]:
         """Return the checkpoint of this run's interrupted earlier attempt (None when there is none), read
         safely (epi.train.read_checkpoint); refuse one that was made with other settings."""
-        from .train import CheckpointError, read_checkpoint
+        from .training.checkpoints import CheckpointError, read_checkpoint
         path = self.out / "checkpoint.pt"
         if not path.exists():
             return None
@@ -190,10 +190,10 @@ class Run:
 
     # ---- the run -----------------------------------------------------------------------------------
     def execute(self) -> dict:
-        from .data import StepData, balanced_schedule, eval_records, make_batchers, with_replay
-        from .device import autocast_training_forward, make_scaler
-        from .train import (LoopState, TrainConfig, load_checkpoint, make_optimizer, save_checkpoint,
-                            seed_everything, train_steps)
+        from .training.data import StepData, balanced_schedule, eval_records, make_batchers, with_replay
+        from .training.device import autocast_training_forward, make_scaler
+        from .training.loop import LoopState, TrainConfig, make_optimizer, seed_everything, train_steps
+        from .training.checkpoints import load_checkpoint, save_checkpoint
         cfg = self.config
         t0 = time.time()
         ckpt = self.resume_point()
@@ -468,7 +468,7 @@ def differing_settings(stored: dict, config: ExperimentConfig, stored_precision:
     The precision is compared as resolved: the record's own "precision" (`stored_precision`) against what
     `config` resolves to here, so "auto" on CPU (fp32) equals a record made before the setting existed,
     and real_cpu's precision="bf16" equals its old records' bf16_autocast=True."""
-    from .device import record_precision, resolve_device, resolve_precision
+    from .training.device import record_precision, resolve_device, resolve_precision
     defaults = ExperimentConfig().to_dict()
     current = config.to_dict()
     stored = {**stored, "precision": record_precision(stored, stored_precision)}

@@ -69,7 +69,8 @@ def test_load_checkpoint_and_the_trainer_callback_refuse_a_planted_pickle(tmp_pa
 
     from epi import EPIConfig, EvolvingIsolation
     from epi.hf import EPICallback, state_file
-    from epi.train import TrainConfig, load_checkpoint, make_optimizer
+    from epi.training.loop import TrainConfig, make_optimizer
+    from epi.training.checkpoints import load_checkpoint
     marker = tmp_path / "owned"
     torch.save({"loop": Planted(marker)}, tmp_path / "ckpt.pt")
     model = small_llama()

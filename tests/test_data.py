@@ -1,7 +1,7 @@
 """Step-keyed data: every method sees the same batches; schedules are balanced; replay replaces a share."""
 import torch
 
-from epi.data import StepData, balanced_schedule, make_batchers, with_replay
+from epi.training.data import StepData, balanced_schedule, make_batchers, with_replay
 from epi.models import load_model
 
 

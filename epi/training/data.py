@@ -11,8 +11,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .tasks import ABILITIES, generate, load_task
-from .tasks.formatting import SFTBatcher
+from ..tasks import ABILITIES, generate, load_task
+from ..tasks.formatting import SFTBatcher
 
 EVAL_SEED = 12345  # evaluation prompts are the same for every run and seed
 
