@@ -101,7 +101,7 @@ def _run(args) -> int:
 
 def _grid(args) -> int:
     from .experiment import resolve
-    from .methods import METHODS, MIX_ONLY
+    from .methods.registry import METHODS, MIX_ONLY
     from .runner import RunRefused, output_folder, run_grid
     from .training.checkpoints import CheckpointError
     methods = sorted(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -50,7 +50,7 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
     from .training.device import describe, resolve_device
     from .models import load_model, save_model
     from .tasks import ABILITIES, evaluate
-    from .training.loop import TrainConfig, make_optimizer, seed_everything, train_steps
+    from .training.loop import TrackImportance, TrainConfig, make_optimizer, seed_everything, train_steps
 
     out = base_dir(cfg, cache_dir)
     t0 = time.time()
@@ -70,15 +70,7 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
     glob = ImportanceTracker(params, EPIConfig(score="fisher", beta=cfg.beta, scope="global"))
     per = ImportanceTracker(params, EPIConfig(score="fisher", beta=cfg.beta, scope="per_task"))
 
-    class Track:
-        def after_backward(self, model, task, step):
-            glob.update(None)
-            per.update(task)
-
-        def after_step(self, model, task, step):
-            pass
-
-    state = train_steps(model, opt, data, steps=len(data), plugins=[Track()], clip=cfg.clip,
+    state = train_steps(model, opt, data, steps=len(data), plugins=[TrackImportance(glob, per)], clip=cfg.clip,
                         desc="tiny-base" if progress else None)
     scores = evaluate(model, tok, {t: eval_records(t, cfg.eval_records, cfg.difficulty) for t in tasks})
     # write into a temporary folder and rename: a parallel builder never sees a half-written base

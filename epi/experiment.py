@@ -103,7 +103,7 @@ class ExperimentConfig:
         """Validate every setting (type, range, finiteness, choice), naming the field and what it allows,
         so that a bad value fails here, before any model, data or folder is built."""
         from .training.device import PRECISIONS, check_device
-        from .methods import METHODS, MIX_ONLY  # late import: methods imports this module
+        from .methods.registry import METHODS, MIX_ONLY
         from .tasks import ABILITIES, REAL_TASKS
         from .tasks.synthetic import DIFFICULTIES
         if isinstance(self.tasks, tuple):

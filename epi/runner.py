@@ -62,7 +62,7 @@ class Run:
 
     def __init__(self, config: ExperimentConfig, out: Path, say: Callable[[str], None] = log.info):
         from .training.device import resolve_device, resolve_precision
-        from .methods import make_method
+        from .methods.registry import make_method
         self.config, self.out, self.say = config, Path(out), say
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from epi import cpift
+from epi.methods import cpift
 
 
 def test_core_regions_are_the_global_top_p_of_update_magnitude():

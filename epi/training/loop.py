@@ -87,6 +87,20 @@ class Plugin:
     def after_step(self, model: torch.nn.Module, task: str, step: int) -> None: ...
 
 
+class TrackImportance(Plugin):
+    """Fold every step's gradients into importance trackers, protecting nothing: `tracker` over the mixed
+    stream (scope key None) and, when given, `per_task` under the step's task. It runs after backward, so a
+    plugin after it that adds a penalty gradient (EWC) is not tracked."""
+
+    def __init__(self, tracker, per_task=None):
+        self.tracker, self.per_task = tracker, per_task
+
+    def after_backward(self, model: torch.nn.Module, task: str, step: int) -> None:
+        self.tracker.update(None)
+        if self.per_task is not None:
+            self.per_task.update(task)
+
+
 @dataclass
 class LoopState:
     """What the loop has produced so far (per-step losses and tasks); part of a checkpoint."""

@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .engine.masks import top_p_masks
+from ..engine.masks import top_p_masks
 
 
 def core_regions(deltas: Dict[str, List[torch.Tensor]], ratio: float) -> Dict[str, List[torch.Tensor]]:
@@ -27,7 +27,7 @@ def core_regions(deltas: Dict[str, List[torch.Tensor]], ratio: float) -> Dict[st
 
 def jaccard_matrix(cores: Dict[str, List[torch.Tensor]]) -> List[List[float]]:
     """Return S[i][j] = |C_i ∩ C_j| / |C_i ∪ C_j| over the tasks in `cores` order."""
-    from .engine.masks import mask_overlap
+    from ..engine.masks import mask_overlap
     names = list(cores)
     return [[mask_overlap(cores[a], cores[b])["jaccard"] for b in names] for a in names]
 
