@@ -24,29 +24,6 @@ def _bench(args) -> int:
     return 0
 
 
-def parse_sets(items) -> dict:
-    """Return {key: value} from KEY=VALUE strings: a value is parsed as JSON when it is JSON (numbers,
-    true/false, null, lists), else kept as text; a list setting (tasks, train_tasks) also takes
-    comma-separated names. A malformed item, or one key given twice with two values, raises ValueError."""
-    from .experiment import LIST_SETTINGS
-    out: dict = {}
-    for item in items or []:
-        key, eq, text = item.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        if key in LIST_SETTINGS and isinstance(value, str):
-            value = [name.strip() for name in value.split(",") if name.strip()]
-        if key in out and out[key] != value:
-            raise ValueError(f"--set {key} is given twice ({out[key]!r} and {value!r}); give it once")
-        out[key] = value
-    return out
-
-
 # run settings that also have their own flag; a flag and a --set of the same setting must agree
 FLAGS = {"protocol": "--protocol", "method": "--method", "seed": "--seed", "tasks": "--tasks",
          "train_tasks": "--train-tasks"}
@@ -54,7 +31,7 @@ FLAGS = {"protocol": "--protocol", "method": "--method", "seed": "--seed", "task
 
 def _overrides(args) -> dict:
     """Return the run settings the command line gives: --set items and the flags (which must agree)."""
-    from .experiment import LIST_SETTINGS
+    from .experiments.profiles import LIST_SETTINGS, parse_sets
     out = parse_sets(args.set)
     for key, flag in FLAGS.items():
         given = getattr(args, key, None)
@@ -81,8 +58,8 @@ def _refuse(message: str) -> int:
 
 
 def _run(args) -> int:
-    from .experiment import resolve
-    from .runner import RunRefused, output_folder, run_experiment
+    from .experiments.profiles import resolve
+    from .experiments.runner import RunRefused, output_folder, run_experiment
     from .training.checkpoints import CheckpointError
     try:
         config = resolve(args.profile, **_overrides(args))
@@ -100,9 +77,9 @@ def _run(args) -> int:
 
 
 def _grid(args) -> int:
-    from .experiment import resolve
+    from .experiments.profiles import resolve
     from .methods.registry import METHODS, MIX_ONLY
-    from .runner import RunRefused, output_folder, run_grid
+    from .experiments.runner import RunRefused, output_folder, run_grid
     from .training.checkpoints import CheckpointError
     methods = sorted(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
@@ -144,8 +121,9 @@ def _compare(args) -> int:
 
 
 def _base(args) -> int:
-    from .base import base_dir, base_meta, build_base
-    from .experiment import resolve
+    from .models.base_cache import base_dir, base_meta
+    from .experiments.base_build import build_base
+    from .experiments.profiles import resolve
     cfg = resolve(args.profile, seed=args.seed)
     folder = base_dir(cfg)
     if not (folder / "meta.json").exists() or args.force:

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from . import metrics
-from .experiment import NOT_SETTINGS, ExperimentConfig
+from .experiments.profiles import NOT_SETTINGS, ExperimentConfig
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,15 @@ from .engine.core import EvolvingIsolation, to_bool
 from .engine.importance import local
 from .engine.masks import masks_digest
 from .engine.backends import shard_group
+from .models.shapes import small_llama
 from .jsonio import write_json
 
 log = logging.getLogger(__name__)
+
+# global batch s is drawn from seed * BATCH_SEED_STRIDE + BATCH_SEED_OFFSET + s: a pure function of (seed, s), the
+# same on every rank; two seeds' streams stay apart for runs shorter than the stride
+BATCH_SEED_STRIDE = 100_003
+BATCH_SEED_OFFSET = 1000
 
 
 def _full(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -52,17 +58,6 @@ def gather_masks(engine: EvolvingIsolation) -> Dict[str, List[torch.Tensor]]:
 
 
 # ---- the experiment ---------------------------------------------------------------------------------------
-def tiny_llama(seed: int = 0, vocab: int = 48, hidden: int = 32, layers: int = 2) -> torch.nn.Module:
-    """Return a small LlamaForCausalLM from config, seeded (the same model on every rank)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=64, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
-
-
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """Apply FSDP2 `fully_shard` to every block of the model's ModuleLists, then to the root (in place)."""
     from torch.distributed.fsdp import fully_shard
@@ -110,7 +105,7 @@ def run_distributed(out: str | os.PathLike, *, mode: str = "ddp", config: Option
         raise ValueError(f"global_batch={global_batch} must be divisible by world_size={world}")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
-    model = tiny_llama(seed).to(device)
+    model = small_llama(seed).to(device)
     if mode == "fsdp2":
         model = shard_model(model)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if mode == "ddp" else model
@@ -119,7 +114,7 @@ def run_distributed(out: str | os.PathLike, *, mode: str = "ddp", config: Option
     engine = EvolvingIsolation(model, config, group=shard_group(model)).attach(optimizer)
 
     def batch_fn(step: int):
-        g = torch.Generator().manual_seed(seed * 100_003 + 1000 + step)
+        g = torch.Generator().manual_seed(seed * BATCH_SEED_STRIDE + BATCH_SEED_OFFSET + step)
         x = torch.randint(0, model.config.vocab_size, (global_batch, seq), generator=g).chunk(world)[rank]
         x = x.to(device)
         return ("a", "b")[step % 2], {"input_ids": x, "labels": x}

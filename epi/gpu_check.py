@@ -80,7 +80,7 @@ class Plan:
         """Return the seconds a part is expected to need (a benchmark shape's from its parameter count)."""
         if part in self.estimates_s:
             return self.estimates_s[part]
-        from .bench import random_model
+        from .models.shapes import random_model
         n = sum(p.numel() for p in random_model(part.split(" ", 1)[1], "meta").parameters())
         # from the sizes of the work (no GPU run exists yet): ~60 s at 0.5B on a GPU, ~1 s per 1M params on a CPU
         return 30 + 60 * n / 1e9 if self.cuda else 5 + n / 1e6
@@ -103,7 +103,7 @@ def plan(device: str = "cuda", shapes: Optional[Sequence[str]] = None, budget_s:
     else:
         raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
     if shapes:
-        from .bench import SHAPES
+        from .models.shapes import SHAPES
         unknown = [s for s in shapes if s not in SHAPES]
         if unknown:
             raise ValueError(f"unknown shape(s) {unknown}; known: {sorted(SHAPES)}")
@@ -149,7 +149,7 @@ def _trainer_run(p: Plan, method: str, work: Path) -> dict:
     """Return one Trainer run's numbers through `epi.recipe.run_method` (notebook 07's recipe: EPICallback +
     ProtectedDriftSpy, gradient accumulation, precision from the device: bf16 autocast on Ampere or newer)."""
     from . import EPIConfig
-    from .bench import SHAPES, random_model
+    from .models.shapes import SHAPES, random_model
     from .hf import TaskCollator, task_blocks
     from .recipe import Recipe, choose_precision, run_method
 
@@ -198,7 +198,7 @@ def stand_in_datasets(folder: Path, n_train: int, n_eval: int) -> Optional[Dict[
 
 def notebook_part(p: Plan, work: Path, timeout_s: float) -> dict:
     """Return notebook 07's run in the gpu profile (papermill, a random-init model, stand-in data) and `ok`."""
-    from .bench import save_random_model
+    from .models.shapes import save_random_model
     from .nb import repo_root
     root = repo_root()
     env = stand_in_datasets(work / "hub-mirror", p.notebook_train_records, max(4, p.notebook_eval))

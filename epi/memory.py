@@ -51,7 +51,7 @@ def model_shape(name: str) -> ModelShape:
     folder or a hub id, counted on the meta device (no weights are read or allocated)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .bench import SHAPES, shape_config
+    from .models.shapes import SHAPES, shape_config
     from .engine.core import isolatable
     from .models import count_parameters, tiny_config
     if name in SHAPES:

@@ -51,7 +51,7 @@ def resolve_profile(profile: str = "auto", *, gpu_profile: str = "cpu", serves: 
     `serves` lists the profiles the notebook can run; asking for another one (directly or through "auto")
     is a ValueError naming them, raised before anything is trained.
     """
-    from .experiment import PROFILES
+    from .experiments.profiles import PROFILES
     unknown = [p for p in (*serves, gpu_profile) if p not in PROFILES]
     if unknown:
         raise ValueError(f"unknown profile(s) {unknown} in serves/gpu_profile; known: {sorted(PROFILES)}")

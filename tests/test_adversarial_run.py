@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from epi.experiment import resolve
-from epi.runner import run_experiment, run_grid
+from epi.experiments.profiles import resolve
+from epi.experiments.runner import run_experiment, run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="tiny", tasks=["math", "chat"], steps_per_task=3, eval_records=2, eval_every=0)
@@ -117,7 +117,7 @@ def test_fresh_discards_the_interrupted_run_and_trains_the_new_settings(tmp_path
 
 
 def test_a_run_folder_is_owned_by_one_process(tmp_path):
-    from epi.runner import run_lock
+    from epi.experiments.runner import run_lock
     cfg = resolve("smoke", method="full_sft", **TINY)
     folder = tmp_path / cfg.run_name
     folder.mkdir()
@@ -181,14 +181,14 @@ def test_a_finished_run_with_a_broken_results_file_is_named(tmp_path):
 @pytest.fixture
 def cli(monkeypatch, capsys, tmp_path):
     """Run `python -m epi run ...` in-process; return (exit code, stderr, the config it would run)."""
-    import epi.runner
+    import epi.experiments.runner
     from epi.__main__ import main
     ran = []
 
     def fake_run(config, out, say=print, fresh=False):
         ran.append(config)
         return {"final_scores": {t: 0.0 for t in config.tasks}, "wall_s": 0}
-    monkeypatch.setattr(epi.runner, "run_experiment", fake_run)
+    monkeypatch.setattr(epi.experiments.runner, "run_experiment", fake_run)
 
     def call(*argv, out=None):
         code = main(["run", "--profile", "smoke", "--out", str(out or tmp_path / "runs"), *argv])

@@ -9,8 +9,8 @@ import torch
 from epi import EPIConfig, EvolvingIsolation
 from epi.training.device import (autocast_training_forward, choose_precision, make_scaler, needs_scaler,
                                  record_precision, resolve_device, resolve_precision)
-from epi.experiment import resolve
-from epi.runner import check_same_settings, run_experiment
+from epi.experiments.profiles import resolve
+from epi.experiments.runner import check_same_settings, run_experiment
 from epi.training.loop import LoopState, TrainConfig, make_optimizer, train_steps
 from epi.training.checkpoints import load_checkpoint, save_checkpoint
 from helpers import small_llama
@@ -50,8 +50,8 @@ def test_auto_device_is_the_cpu_on_a_machine_without_cuda():
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
 def test_asking_for_cuda_without_cuda_fails_before_anything_is_built(device, tmp_path, monkeypatch):
-    import epi.base
-    monkeypatch.setattr(epi.base, "build_base", lambda *a, **k: pytest.fail("built a base model"))
+    import epi.experiments.base_build
+    monkeypatch.setattr(epi.experiments.base_build, "build_base", lambda *a, **k: pytest.fail("built a base model"))
     with pytest.raises(ValueError, match=rf"device='{device}' but this machine has no CUDA device"):
         resolve("smoke", device=device)
     from epi.__main__ import main

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from epi.general import GENERAL_DIR, GeneralProbe, _coarse_kl, fit_pair, load_general
+from epi.experiments.general import GENERAL_DIR, GeneralProbe, _coarse_kl, fit_pair, load_general
 from epi.models import load_model
 from epi.tasks.formatting import render
 
@@ -134,7 +134,7 @@ def test_start_pass_is_cached_by_weights_and_reused(tiny, tmp_path):
 
 def _fake_record(method, seed, a, b, scores, general):
     """A results record of a finished sequential run, as epi.runner writes it (only what compare reads)."""
-    from epi.experiment import resolve
+    from epi.experiments.profiles import resolve
     cfg = resolve("real_cpu", method=method, seed=seed, tasks=[a, b]).to_dict()
     (a0, b0), (a1, b1), (a2, b2) = scores
     s = lambda x, y: {a: {"score": x, "loss": 1.0}, b: {"score": y, "loss": 1.0}}
@@ -144,7 +144,7 @@ def _fake_record(method, seed, a, b, scores, general):
 
 
 def test_real_cpu_summary_has_one_row_per_run_and_the_table2_columns(tmp_path):
-    from epi.real_cpu import claims, load_summary, summarize, table2_frame, write_results
+    from epi.experiments.real_cpu import claims, load_summary, summarize, table2_frame, write_results
     scores, general = [(0.0, 0.0), (0.5, 0.1), (0.2, 0.6)], [(2.0, 0.0), (2.2, 0.1), (2.5, 0.3)]
     records = [_fake_record(m, seed, a, b, scores if m == "full_sft" else [(0.0, 0.0), (0.5, 0.1), (0.4, 0.6)],
                             general)

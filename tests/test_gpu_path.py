@@ -6,7 +6,7 @@ import json
 import pytest
 
 from helpers import ROOT
-from epi.bench import save_random_model
+from epi.models.shapes import save_random_model
 from epi.tasks.hub import MIRROR_ENV
 from epi.tasks.mirror import write_mirror
 

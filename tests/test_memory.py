@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from epi import EPIConfig, EvolvingIsolation
-from epi.bench import random_model
+from epi.models.shapes import random_model
 from epi.memory import LEAN, engine_bytes_per_param, estimate, model_shape, plan
 from epi.recipe import METHODS, choose_precision
 

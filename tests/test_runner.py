@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from epi.compare import compare, summary_table, write_summary
-from epi.experiment import resolve
+from epi.experiments.profiles import resolve
 from epi.methods.registry import METHODS
-from epi.runner import run_experiment
+from epi.experiments.runner import run_experiment
 
 SMOKE = dict(tasks=["math", "instruction", "chat"], steps_per_task=8, eval_records=4, eval_every=4)
 

@@ -10,6 +10,6 @@
 The engine imports nothing else from epi: every other layer builds on it.
 """
 from .config import EPIConfig
-from .core import ActiveMask, EvolvingIsolation, isolatable, to_bool, to_index
+from .core import CURRENT_TASK, ActiveMask, EvolvingIsolation, isolatable, to_bool, to_index
 
-__all__ = ["ActiveMask", "EPIConfig", "EvolvingIsolation", "isolatable", "to_bool", "to_index"]
+__all__ = ["CURRENT_TASK", "ActiveMask", "EPIConfig", "EvolvingIsolation", "isolatable", "to_bool", "to_index"]

@@ -96,8 +96,10 @@ class EPIConfig:
 
     score: str = "fisher"
     beta: float = 0.99
+    # the library's starting point for a real model (the papers leave p open; CPI-FT's cores are 1 %); the
+    # CPU experiments run p = 0.1 (epi.experiments.profiles.ExperimentConfig.ratio, docs/CPU_FINDINGS.md)
     ratio: float = 0.05
-    refresh_every: Optional[int] = 50
+    refresh_every: Optional[int] = 50  # None: static (the first mask stays)
     warmup_steps: int = 20
     normalize: str = "layer_mean"
     scope: str = "global"

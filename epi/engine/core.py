@@ -23,6 +23,10 @@ from .masks import index_overlap, mask_overlap, masks_digest, random_masks, spea
 
 log = logging.getLogger(__name__)
 
+# the `task` argument that means "the task of the step in progress" (None already means "no task": the global
+# scope key, or per_task's mean over the known tasks), so it is a string no task name can be
+CURRENT_TASK = "__current__"
+
 # How to treat a bad step, not what was learned: these may change when a saved state is loaded.
 _POLICY_FIELDS = ("check_finite", "nonfinite")
 
@@ -227,11 +231,11 @@ class EvolvingIsolation:
                 if g is not None and idx.numel():
                     g.reshape(-1).index_put_((idx,), torch.zeros((), dtype=g.dtype, device=g.device))
 
-    def active(self, task: Optional[str] = "__current__") -> Optional[ActiveMask]:
+    def active(self, task: Optional[str] = CURRENT_TASK) -> Optional[ActiveMask]:
         """Return the mask in force for a batch of `task` (default: the current task), or None."""
         if not self.sets:
             return None
-        task = self.current_task if task == "__current__" else task
+        task = self.current_task if task == CURRENT_TASK else task
         key = None if self.config.scope == "global" else task
         if key not in self._active_cache:
             self._active_cache[key] = self._make_active(key)
@@ -275,7 +279,7 @@ class EvolvingIsolation:
             return {n: torch.zeros_like(local(p), dtype=torch.bool) for n, p in zip(self.names, self.params)}
         return dict(zip(self.names, self.protected_for(self.current_task)))
 
-    def protected_fraction(self, task: Optional[str] = "__current__") -> float:
+    def protected_fraction(self, task: Optional[str] = CURRENT_TASK) -> float:
         """Return the realised fraction of isolatable coordinates protected (for `task`; per_task with
         task=None: the mean over the known tasks)."""
         if not self.sets:

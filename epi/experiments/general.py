@@ -38,11 +38,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .tasks.formatting import IGNORE_INDEX, pad_id, tokenize_records
+from ..tasks.formatting import IGNORE_INDEX, pad_id, tokenize_records
 
 log = logging.getLogger(__name__)
 
-GENERAL_DIR = Path(__file__).resolve().parents[1] / "data" / "general"
+GENERAL_DIR = Path(__file__).resolve().parents[2] / "data" / "general"
 FILES = {"alpaca": "alpaca_style.jsonl", "chat": "chat_style.jsonl"}
 DEFAULT_CACHE = "__epi_cache__"  # resolved to epi.models.cache_root() / "general" at construction
 
@@ -149,7 +149,7 @@ class GeneralProbe:
             mine = sorted((e for e in self.examples if e[0] == style), key=lambda e: len(e[1]))
             self.batches += [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
         if cache_dir == DEFAULT_CACHE:
-            from .models import cache_root
+            from ..models import cache_root
             cache_dir = cache_root() / "general"
         # the start model's pass is the costly part: reuse it when the very same weights come back
         self.fingerprint = fingerprint(model)

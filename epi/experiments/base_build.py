@@ -3,6 +3,9 @@ paper's pretrained LLM (sequential SFT from a random init forgets everything; do
 
   python -m epi base --profile cpu --seed S     # about a minute on 2 cores; cached per seed
 
+The cache itself (where a base lives, reading its importance) is epi.models.base_cache; the model
+factory only loads a base, this module builds one.
+
 While pre-training, the base phase tracks the importance (EMA of g²) globally and per task without
 isolating anything, so SFT runs can start EPI and EWC from what the base model found important.
 
@@ -11,47 +14,35 @@ a base is the start model, shared by every run of a seed, and fp32 on a GPU is q
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from .engine.config import EPIConfig
-from .engine.core import isolatable
-from .engine.importance import ImportanceTracker
+from ..engine.config import EPIConfig
+from ..engine.core import isolatable
+from ..engine.importance import ImportanceTracker
+from ..models.base_cache import base_dir
+from ..models.factory import load_model, save_model
+from ..tasks import ABILITIES, evaluate
+from ..training.data import StepData, balanced_schedule, eval_records, make_batchers
+from ..training.device import describe, resolve_device
+from ..training.loop import TrackImportance, TrainConfig, make_optimizer, seed_everything, train_steps
+from .profiles import resolve
 
 log = logging.getLogger(__name__)
 
-
-def _key(cfg) -> str:
-    from .tasks import ABILITIES, generate
-    # a fingerprint of the generated data, so a change of the task formats invalidates the cache
-    sample = [generate(t, 3, seed=cfg.seed, split="train", difficulty=cfg.difficulty) for t in ABILITIES]
-    fields = dict(seed=cfg.seed, steps=cfg.base_steps, lr=cfg.base_lr, batch=cfg.base_batch_size, difficulty=cfg.difficulty,
-                  records=cfg.train_records, max_length=cfg.max_length, beta=cfg.beta, version=1, data=sample)
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def base_dir(cfg, cache_dir: Optional[str] = None) -> Path:
-    """Return the cache folder of the base model for this config's base settings and seed."""
-    from .models import cache_root
-    return cache_root(cache_dir) / "base" / f"tiny-base-s{cfg.seed}-{_key(cfg)}"
+# the base's data order: its own stream, apart from the SFT runs' stage schedules (epi.experiments.runner)
+BASE_SCHEDULE_SEED_OFFSET = 7919
 
 
 def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> Path:
     """Pre-train the tiny model on a balanced mix of all abilities and cache it; return its folder."""
-    from .training.data import StepData, balanced_schedule, eval_records, make_batchers
-    from .training.device import describe, resolve_device
-    from .models import load_model, save_model
-    from .tasks import ABILITIES, evaluate
-    from .training.loop import TrackImportance, TrainConfig, make_optimizer, seed_everything, train_steps
-
     out = base_dir(cfg, cache_dir)
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
@@ -63,7 +54,8 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
     batchers = make_batchers(tok, tasks, n=cfg.train_records, seed=cfg.seed, batch_size=cfg.base_batch_size,
                              max_length=cfg.max_length, difficulty=cfg.difficulty)
     per_task = -(-cfg.base_steps // len(tasks))
-    data = StepData(batchers, balanced_schedule(tasks, per_task, seed=cfg.seed + 7919)[:cfg.base_steps])
+    schedule = balanced_schedule(tasks, per_task, seed=cfg.seed + BASE_SCHEDULE_SEED_OFFSET)[:cfg.base_steps]
+    data = StepData(batchers, schedule)
     opt = make_optimizer(model, TrainConfig(lr=cfg.base_lr, weight_decay=cfg.weight_decay, steps=cfg.base_steps))
     params = [p for _, p in isolatable(model, EPIConfig())]
     names = [n for n, _ in isolatable(model, EPIConfig())]
@@ -105,16 +97,7 @@ def ensure_base(cfg, cache_dir: Optional[str] = None) -> Path:
 
 def load_base(seed: int = 0, profile: str = "cpu", cache_dir: Optional[str] = None, **overrides) -> Tuple:
     """Return (model, tokenizer) of tiny-base for a seed and profile (built and cached on first use)."""
-    from .experiment import resolve
-    from .models import load_model
     cfg = resolve(profile, seed=seed, **overrides)
     return load_model(str(ensure_base(cfg, cache_dir)))
 
 
-def load_base_importance(folder: Path) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Return the base phase's importance: {"global" | task: {param name: EMA of g²}}."""
-    return torch.load(Path(folder) / "importance.pt", map_location="cpu", weights_only=True)
-
-
-def base_meta(folder: Path) -> dict:
-    return json.loads((Path(folder) / "meta.json").read_text())

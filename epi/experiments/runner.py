@@ -21,10 +21,10 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from .engine.config import EPIConfig
-from .engine.core import EvolvingIsolation, isolatable
-from .experiment import NOT_SETTINGS, ExperimentConfig
-from .jsonio import write_json
+from ..engine.config import EPIConfig
+from ..engine.core import CURRENT_TASK, EvolvingIsolation, isolatable
+from .profiles import NOT_SETTINGS, ExperimentConfig
+from ..jsonio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,12 @@ except ImportError:  # pragma: no cover - Windows: run folders are not locked
     fcntl = None
 
 LOCK = "run.lock"
+
+# A run's data order: stage k's balanced schedule is shuffled with seed * STAGE_SEED_STRIDE + k and its replay
+# draws with seed * STAGE_SEED_STRIDE + REPLAY_SEED_OFFSET + k, so stages, replay and seeds never share a stream
+# (for up to REPLAY_SEED_OFFSET stages); the tiny-base build has its own (epi.experiments.base_build).
+STAGE_SEED_STRIDE = 1000
+REPLAY_SEED_OFFSET = 500
 
 
 class RunRefused(ValueError):
@@ -61,8 +67,8 @@ class Run:
     """One experiment in progress: model, data, optimizer, engine, method, evaluations."""
 
     def __init__(self, config: ExperimentConfig, out: Path, say: Callable[[str], None] = log.info):
-        from .training.device import resolve_device, resolve_precision
-        from .methods.registry import make_method
+        from ..training.device import resolve_device, resolve_precision
+        from ..methods.registry import make_method
         self.config, self.out, self.say = config, Path(out), say
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
@@ -72,10 +78,10 @@ class Run:
 
     # ---- model and data ----------------------------------------------------------------------------
     def load_start(self):
-        from .models import load_model
+        from ..models import load_model
         cfg = self.config
         if cfg.model == "tiny-base":
-            from .base import ensure_base
+            from .base_build import ensure_base
             self._base_folder = ensure_base(cfg)
             return load_model(str(self._base_folder))
         if cfg.model.lower() in ("tiny", "smollm2-135m", "smollm2"):
@@ -87,7 +93,7 @@ class Run:
         """Return the base phase's tracked importance for `scope` ({} when the start model has none)."""
         if self._base_folder is None:
             return {}
-        from .base import load_base_importance
+        from ..models.base_cache import load_base_importance
         imp = load_base_importance(self._base_folder)
         if scope == "global":
             return {"global": imp["global"]}
@@ -118,9 +124,9 @@ class Run:
     def probe(self, tasks: List[str], steps: int):
         """Return ({task: [Δθ]}, {task: [θ_probe]}): short single-task fine-tunes from the start weights
         (CPI-FT Stage 1), on the isolatable tensors, each with a fresh optimizer."""
-        from .training.data import StepData
-        from .training.device import make_scaler
-        from .training.loop import TrainConfig, make_optimizer, train_steps
+        from ..training.data import StepData
+        from ..training.device import make_scaler
+        from ..training.loop import TrainConfig, make_optimizer, train_steps
         cfg = self.config
         start = self.start_isolatable()
         deltas, probes = {}, {}
@@ -135,7 +141,7 @@ class Run:
         return deltas, probes
 
     def evaluate(self) -> Dict[str, dict]:
-        from .tasks import evaluate
+        from ..tasks import evaluate
         return evaluate(self.model, self.tokenizer, self.eval_sets)
 
     def evaluate_start(self) -> Dict[str, dict]:
@@ -144,7 +150,7 @@ class Run:
         import hashlib
 
         from .general import fingerprint
-        from .models import cache_root
+        from ..models import cache_root
         where = [fingerprint(self.model), torch.get_num_threads(), self.eval_sets]
         if self.device.type != "cpu":  # GPU kernels round differently; CPU keys stay as they were
             where.append(self.device.type)
@@ -173,7 +179,7 @@ class Run:
     def resume_point(self) -> Optional[dict]:
         """Return the checkpoint of this run's interrupted earlier attempt (None when there is none), read
         safely (epi.train.read_checkpoint); refuse one that was made with other settings."""
-        from .training.checkpoints import CheckpointError, read_checkpoint
+        from ..training.checkpoints import CheckpointError, read_checkpoint
         path = self.out / "checkpoint.pt"
         if not path.exists():
             return None
@@ -190,10 +196,10 @@ class Run:
 
     # ---- the run -----------------------------------------------------------------------------------
     def execute(self) -> dict:
-        from .training.data import StepData, balanced_schedule, eval_records, make_batchers, with_replay
-        from .training.device import autocast_training_forward, make_scaler
-        from .training.loop import LoopState, TrainConfig, make_optimizer, seed_everything, train_steps
-        from .training.checkpoints import load_checkpoint, save_checkpoint
+        from ..training.data import StepData, balanced_schedule, eval_records, make_batchers, with_replay
+        from ..training.device import autocast_training_forward, make_scaler
+        from ..training.loop import LoopState, TrainConfig, make_optimizer, seed_everything, train_steps
+        from ..training.checkpoints import load_checkpoint, save_checkpoint
         cfg = self.config
         t0 = time.time()
         ckpt = self.resume_point()
@@ -245,8 +251,10 @@ class Run:
         # the global step schedule: stages back to back, replay folded in
         schedule, bounds = [], []
         for k, tasks in enumerate(self.stage_list):
-            part = balanced_schedule(tasks, cfg.steps_per_task, seed=cfg.seed * 1000 + k)
-            part = with_replay(part, self.method.replay_tasks(self, k), cfg.replay_fraction, seed=cfg.seed * 1000 + 500 + k)
+            stream = cfg.seed * STAGE_SEED_STRIDE + k
+            part = balanced_schedule(tasks, cfg.steps_per_task, seed=stream)
+            part = with_replay(part, self.method.replay_tasks(self, k), cfg.replay_fraction,
+                               seed=stream + REPLAY_SEED_OFFSET)
             bounds.append((len(schedule), len(schedule) + len(part)))
             schedule += part
         data = StepData(self.batchers, schedule)
@@ -271,7 +279,7 @@ class Run:
                     self.snapshot()
                 if self.engine is not None and self.engine.sets and self.engine.config.isolate:
                     record["protected_fraction"].append(self.engine.protected_fraction(
-                        None if self.engine.config.scope == "per_task" else "__current__"))
+                        None if self.engine.config.scope == "per_task" else CURRENT_TASK))
                 # the last stage is scored as the mean of its last `eval_last` evaluations, eval_every apart
                 if k == last_stage and cfg.eval_every and st.step < hi and (hi - st.step) % cfg.eval_every == 0 \
                         and (hi - st.step) // cfg.eval_every < cfg.eval_last and st.step > lo:
@@ -468,7 +476,7 @@ def differing_settings(stored: dict, config: ExperimentConfig, stored_precision:
     The precision is compared as resolved: the record's own "precision" (`stored_precision`) against what
     `config` resolves to here, so "auto" on CPU (fp32) equals a record made before the setting existed,
     and real_cpu's precision="bf16" equals its old records' bf16_autocast=True."""
-    from .training.device import record_precision, resolve_device, resolve_precision
+    from ..training.device import record_precision, resolve_device, resolve_precision
     defaults = ExperimentConfig().to_dict()
     current = config.to_dict()
     stored = {**stored, "precision": record_precision(stored, stored_precision)}
@@ -499,7 +507,7 @@ def run_grid(configs: List[ExperimentConfig], out_root: str | Path, workers: int
 
     Base models are built first, one per seed, so parallel workers never race to build the same one.
     """
-    from .base import ensure_base
+    from .base_build import ensure_base
     root = output_folder(out_root)
     names: Dict[str, dict] = {}
     for c in configs:  # one folder per run name: two settings under one name would overwrite each other

@@ -12,11 +12,22 @@ from the profile's base model — `tiny-base` on CPU, a pretrained LLM elsewhere
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional
 
+from ..engine.config import EPIConfig
+from ..methods.registry import METHODS, MIX_ONLY
+from ..tasks import ABILITIES, REAL_TASKS
+from ..tasks.synthetic import DIFFICULTIES
+from ..training.device import PRECISIONS, check_device
+
 PROTOCOLS = ("mix", "forgetting", "sequential", "reference")
+# refresh_every of a run that never refreshes its mask (static). A run's settings are ints (a command line
+# writes --set refresh_every=0); the engine spells the same thing refresh_every=None (EPIConfig), and
+# ExperimentConfig.epi_config converts between the two.
+NEVER_REFRESH = 0
 # what each annotated type of a setting accepts (checked for every field, before any range check)
 _KINDS = {"int": "an int", "float": "a finite number", "bool": "true or false", "str": "a non-empty string",
           "List[str]": "a list of names (on the command line: comma-separated)"}
@@ -72,8 +83,10 @@ class ExperimentConfig:
     eval_every: int = 50                    # spacing of the last stage's final evaluations (0 = stage ends only)
     eval_last: int = 3                      # the mix is scored as the mean of the last k evaluations
     # isolation (shared by every isolating method so the comparison is fair)
+    # p = 10 %: the CPU study's setting (docs/CPU_FINDINGS.md), which every CPU result uses; the engine's own
+    # default (EPIConfig.ratio = 0.05) is the library's starting point for a real model. Every record keeps its p.
     ratio: float = 0.1
-    refresh_every: int = 50                 # 0 = never refresh (a static mask from the EMA at warm-up end)
+    refresh_every: int = 50                 # NEVER_REFRESH (0) = a static mask from the EMA at warm-up end
     warmup_steps: int = 20
     beta: float = 0.99
     score: str = "fisher"
@@ -102,10 +115,6 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         """Validate every setting (type, range, finiteness, choice), naming the field and what it allows,
         so that a bad value fails here, before any model, data or folder is built."""
-        from .training.device import PRECISIONS, check_device
-        from .methods.registry import METHODS, MIX_ONLY
-        from .tasks import ABILITIES, REAL_TASKS
-        from .tasks.synthetic import DIFFICULTIES
         if isinstance(self.tasks, tuple):
             self.tasks = list(self.tasks)
         if isinstance(self.train_tasks, tuple):
@@ -170,9 +179,11 @@ class ExperimentConfig:
         self.epi_config()  # the engine's own checks (beta, score, normalize, ...), before any model exists
 
     def epi_config(self, **changes):
-        """Return the EPIConfig (epi.config) of this run's isolation settings, with `changes` applied."""
-        from .engine.config import EPIConfig
-        values = dict(score=self.score, beta=self.beta, ratio=self.ratio, refresh_every=self.refresh_every or None,
+        """Return the EPIConfig (epi.engine.config) of this run's isolation settings, with `changes` applied.
+
+        The one place where a run's refresh_every = NEVER_REFRESH (0) becomes the engine's None (static)."""
+        refresh_every = None if self.refresh_every == NEVER_REFRESH else self.refresh_every
+        values = dict(score=self.score, beta=self.beta, ratio=self.ratio, refresh_every=refresh_every,
                       warmup_steps=self.warmup_steps, normalize=self.normalize, seed=self.seed)
         values.update(changes)
         return EPIConfig(**values)
@@ -237,6 +248,23 @@ NOT_SETTINGS = ("threads", "checkpoint_every", "device")
 LIST_SETTINGS = tuple(f.name for f in fields(ExperimentConfig) if f.type.startswith("List"))
 
 
-def with_changes(config: ExperimentConfig, **changes) -> ExperimentConfig:
-    """Return a validated copy of `config` with some fields changed."""
-    return replace(config, **changes)
+def parse_sets(items) -> dict:
+    """Return {key: value} from KEY=VALUE strings: a value is parsed as JSON when it is JSON (numbers,
+    true/false, null, lists), else kept as text; a list setting (tasks, train_tasks) also takes
+    comma-separated names. A malformed item, or one key given twice with two values, raises ValueError."""
+    out: dict = {}
+    for item in items or []:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        if key in LIST_SETTINGS and isinstance(value, str):
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        if key in out and out[key] != value:
+            raise ValueError(f"--set {key} is given twice ({out[key]!r} and {value!r}); give it once")
+        out[key] = value
+    return out
