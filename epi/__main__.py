@@ -107,7 +107,8 @@ def _grid(args) -> int:
 def _compare(args) -> int:
     import logging
 
-    from .compare import compare, summary_table, write_summary
+    from .experiments.collect import compare
+    from .analysis.compare import summary_table, write_tables
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")  # skipped files, unpooled runs
     try:
         df = compare(args.root)
@@ -115,7 +116,7 @@ def _compare(args) -> int:
         return _refuse(str(e))
     print(summary_table(df))
     if args.out:
-        write_summary(df, args.out, f"python -m epi compare {args.root} --out {args.out}")
+        write_tables(df, args.out, f"python -m epi compare {args.root} --out {args.out}")
         print(f"wrote {args.out}/summary.csv and summary.md")
     return 0
 

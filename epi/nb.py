@@ -92,7 +92,7 @@ def setup_notebook(seed: int = 0, out: str | Path = "artifacts", profile: str = 
             os.environ.setdefault(var, "1")
     import torch
     import transformers
-    from .plots import set_style
+    from .analysis.plots import set_style
     from .training.loop import seed_everything
     transformers.logging.set_verbosity_error()
     if threads is None and quiet():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .nb import repo_root
-from .report import write_report
+from .analysis.report import write_report
 
 NOTEBOOKS = ("01", "02", "03", "04", "05", "06")
 

@@ -255,7 +255,8 @@ def test_results_json_is_strict_json_even_when_training_diverges(tmp_path):
 # ---- 5: compare groups only runs whose settings match; unreadable files are named and skipped ---------
 
 def test_compare_never_pools_runs_with_different_settings_and_names_bad_files(tmp_path, caplog):
-    from epi.compare import compare, summary_table
+    from epi.experiments.collect import compare
+    from epi.analysis.compare import summary_table
     cfg = resolve("smoke", method="full_sft", **TINY)
     rec = run_experiment(cfg, tmp_path / "good")
     for i, change in enumerate([{}, {"lr": 0.5}, {"clip": 0.0}, {"ratio": 0.3}]):
@@ -272,7 +273,7 @@ def test_compare_never_pools_runs_with_different_settings_and_names_bad_files(tm
     (tmp_path / "runs" / "broken" / "results.json").write_text('{"config": {"protocol": ')
     (tmp_path / "runs" / "empty").mkdir()
     (tmp_path / "runs" / "empty" / "results.json").write_text('{"config": {}}')
-    with caplog.at_level("WARNING", logger="epi.compare"):
+    with caplog.at_level("WARNING", logger="epi"):
         df = compare(tmp_path / "runs")
     assert len(df) == 6
     table = summary_table(df)
@@ -296,9 +297,9 @@ def test_every_results_csv_loads_as_plain_csv():
 
 
 def test_summary_writers_keep_the_command_beside_the_csv(tmp_path):
-    from epi.compare import write_summary
+    from epi.analysis.compare import write_tables
     df = pd.DataFrame({"protocol": ["mix"], "method": ["epi"], "seed": [0], "profile": ["smoke"],
                        "mean_score": [0.5]})
-    write_summary(df, tmp_path, "python -m epi compare runs")
+    write_tables(df, tmp_path, "python -m epi compare runs")
     assert list(pd.read_csv(tmp_path / "summary.csv").columns) == list(df.columns)
     assert json.loads((tmp_path / "summary.provenance.json").read_text())["command"] == "python -m epi compare runs"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from epi import metrics as M
+from epi.analysis import metrics as M
 
 # R[j, i] = score on task i after stage j.
 R = [[0.8, 0.1, 0.2],

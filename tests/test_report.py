@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from epi.drift import jaccard_matrix, random_jaccard, spearman_matrix
-from epi.report import claim, reduction_claim, write_report, write_summary
+from epi.analysis.drift import jaccard_matrix, random_jaccard, spearman_matrix
+from epi.analysis.report import claim, reduction_claim, write_report, write_summary
 
 
 def test_report_collects_claims_tables_and_figures(tmp_path):

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from epi.compare import compare, summary_table, write_summary
+from epi.experiments.collect import compare
+from epi.analysis.compare import summary_table, write_tables
 from epi.experiments.profiles import resolve
 from epi.methods.registry import METHODS
 from epi.experiments.runner import run_experiment
@@ -41,7 +42,7 @@ def test_compare_builds_the_method_by_task_table(runs, tmp_path):
     assert set(df["method"]) >= {"full_sft", "epi", "static"}
     table = summary_table(df)
     assert "| epi |" in table and "score_math" in table
-    write_summary(df, tmp_path, "python -m epi compare runs")
+    write_tables(df, tmp_path, "python -m epi compare runs")
     assert (tmp_path / "summary.csv").read_text().startswith("protocol,method,seed")  # plain CSV
     assert json.loads((tmp_path / "summary.provenance.json").read_text())["command"] == "python -m epi compare runs"
 
@@ -98,7 +99,7 @@ def test_a_finished_run_with_other_settings_is_not_reused(runs):
 
 def test_paired_differences_pair_runs_by_seed():
     import pandas as pd
-    from epi.compare import paired
+    from epi.analysis.compare import paired
     df = pd.DataFrame({"protocol": "mix", "method": ["a", "a", "b", "b"], "seed": [0, 1, 1, 0],
                        "mean_score": [0.5, 0.7, 0.6, 0.2]})
     d = paired(df, "a", "b")

@@ -29,8 +29,8 @@ from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from .. import metrics
-from ..compare import run_row
+from ..analysis import metrics
+from ..analysis.compare import run_row
 from .profiles import ExperimentConfig, parse_sets, resolve
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def claims(df: pd.DataFrame, baseline: str = "full_sft", margin: float = 0.03) -
     """Return report claims: does each isolating method forget less of the first task than `baseline`
     (paired by seed and direction; `epi.report.reduction_claim`), and how much of the second task does it
     learn relative to `baseline`?"""
-    from ..report import reduction_claim
+    from ..analysis.report import reduction_claim
     out = []
     for method in [m for m in dict.fromkeys(df["method"]) if m != baseline]:
         learned = df[df["method"] == method]["learning_B"].mean() / max(
@@ -220,7 +220,7 @@ def write_results(df: pd.DataFrame, base: Optional[dict], results: str | Path, c
                   wall_s: Optional[float] = None, settings: Optional[dict] = None) -> None:
     """Write summary.csv (plain CSV), summary.md, summary.provenance.json (the command) and, when `base` is
     given, base.json under `results`."""
-    from ..compare import write_provenance
+    from ..analysis.compare import write_provenance
     from ..jsonio import write_json
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)

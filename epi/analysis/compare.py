@@ -2,6 +2,9 @@
 
   python -m epi compare artifacts/runs [--out results/cpu]
 
+This module reads records only (rows, tables, paired differences); collecting every run under a folder,
+with runs of one method pooled only when their settings match, is epi.experiments.collect.compare.
+
 Per protocol, the metrics that make it meaningful (all in epi.metrics):
   mix        — per-task final score (mean of the last evaluations), mean score, average normalised score
                and seesaw against the single-task references of the same seed (when a reference run exists);
@@ -13,14 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pandas as pd
 
 from . import metrics
-from .experiments.profiles import NOT_SETTINGS, ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,41 +58,9 @@ def load_runs(root: str | Path) -> List[dict]:
     return runs
 
 
-def settings(rec: dict) -> dict:
-    """Return what a run computed with: its config without the seed and the how-settings (NOT_SETTINGS), a
-    field the record predates at its default, and the precision as the run resolved it."""
-    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
-                for f in fields(ExperimentConfig)}
-    cfg = {**defaults, **rec["config"]}
-    old_bf16 = cfg.pop("bf16_autocast", None)  # the flag `precision` replaced
-    cfg["precision"] = rec.get("precision") or ("bf16" if old_bf16 else cfg.get("precision", "auto"))
-    if cfg["precision"] == "auto":
-        cfg["precision"] = "fp32"  # records without a resolved precision ran on CPU, where auto is fp32
-    for key in ("seed", *NOT_SETTINGS):
-        cfg.pop(key, None)
-    return cfg
-
-
-def _variants(runs: List[dict]) -> List[str]:
-    """Return, per run, "" when every run of its protocol and method has the same settings, else the settings
-    that tell its group apart ("lr=0.01, clip=0.0"); warn about groups that are not pooled."""
-    labels = [""] * len(runs)
-    by_method: Dict[tuple, List[int]] = {}
-    for i, r in enumerate(runs):
-        by_method.setdefault((r["config"]["protocol"], r["config"]["method"]), []).append(i)
-    for (protocol, method), idx in by_method.items():
-        sets = [settings(runs[i]) for i in idx]
-        keys = sorted({k for s in sets for k in s if any(s.get(k) != t.get(k) for t in sets)})
-        if not keys:
-            continue
-        for i, s in zip(idx, sets):
-            labels[i] = ", ".join(f"{k}={s.get(k)}" for k in keys)
-        log.warning("compare: %d %s runs of protocol %s have different settings (%s); they are not pooled: %s",
-                    len(idx), method, protocol, ", ".join(keys), "; ".join(sorted(set(labels[i] for i in idx))))
-    return labels
-
-
-def _references(runs: List[dict]) -> Dict[int, Dict[str, float]]:
+def reference_scores(runs: List[dict]) -> Dict[int, Dict[str, float]]:
+    """Return {seed: {task: final score}} of the single-task reference runs among `runs` (a seed whose two
+    reference runs differ is left out, with a warning)."""
     refs: Dict[int, Dict[str, float]] = {}
     for r in runs:
         if r["config"]["protocol"] != "reference":
@@ -151,27 +120,6 @@ def run_row(rec: dict, references: Optional[Dict[str, float]] = None) -> dict:
     return row
 
 
-def compare(root: str | Path) -> pd.DataFrame:
-    """Return one row per finished run under `root`, sorted by protocol, method and seed."""
-    runs = load_runs(root)
-    rows, kept = [], []
-    refs = _references(runs)
-    for r in runs:
-        try:
-            rows.append(run_row(r, refs.get(r["seed"])))
-            kept.append(r)
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            log.warning("compare: skipped %s/results.json: incomplete record (%s: %s)", r["_path"], type(e).__name__, e)
-    if not rows:
-        raise FileNotFoundError(f"no readable results.json under {root}; create runs with "
-                                f"`python -m epi run ... --out {root}`")
-    df = pd.DataFrame(rows)
-    labels = _variants(kept)
-    if any(labels):  # runs of one method with different settings: one row each, never pooled
-        df.insert(df.columns.get_loc("method") + 1, "variant", labels)
-    return df.sort_values(["protocol", "method", "seed"], kind="stable").reset_index(drop=True)
-
-
 def summary_table(df: pd.DataFrame, digits: int = 2) -> str:
     """Return a markdown table per protocol: method × (score and metric columns), mean ± sd over seeds.
 
@@ -202,7 +150,7 @@ def write_provenance(out: str | Path, command: str, files: List[str]) -> Path:
     return path
 
 
-def write_summary(df: pd.DataFrame, out: str | Path, command: str) -> None:
+def write_tables(df: pd.DataFrame, out: str | Path, command: str) -> None:
     """Write summary.csv (one row per run, plain CSV), summary.md (mean ± sd, the command in its header) and
     summary.provenance.json (the command that made them)."""
     out = Path(out)

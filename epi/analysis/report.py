@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .jsonio import write_json
+from ..jsonio import write_json
 
 VERDICTS = ("supported", "not supported", "mixed", "not measured")
 
