@@ -150,8 +150,8 @@ def _trainer_run(p: Plan, method: str, work: Path) -> dict:
     ProtectedDriftSpy, gradient accumulation, precision from the device: bf16 autocast on Ampere or newer)."""
     from . import EPIConfig
     from .models.shapes import SHAPES, random_model
-    from .hf import TaskCollator, task_blocks
-    from .recipe import Recipe, choose_precision, run_method
+    from .integrations.hf import TaskCollator, task_blocks
+    from .integrations.recipe import Recipe, choose_precision, run_method
 
     block = p.trainer_micro_batch * p.grad_accum
     data = _examples(SHAPES[p.model_shape]["vocab_size"], p.trainer_seq, block * (p.trainer_steps // 2 + 1), ("a", "b"))

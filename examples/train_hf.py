@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from epi import EPIConfig
-from epi.hf import EPICallback, task_blocks
+from epi.integrations.hf import EPICallback, task_blocks
 from epi.models import load_model
-from epi.recipe import PRECISIONS, choose_precision, sft_examples, task_collator, trainer_class, training_args, \
-    weights_dtype
+from epi.integrations.recipe import (PRECISIONS, choose_precision, sft_examples, task_collator, trainer_class,
+                                     training_args, weights_dtype)
 from epi.tasks import generate
 
 

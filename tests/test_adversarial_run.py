@@ -68,7 +68,7 @@ def test_load_checkpoint_and_the_trainer_callback_refuse_a_planted_pickle(tmp_pa
     from helpers import small_llama
 
     from epi import EPIConfig, EvolvingIsolation
-    from epi.hf import EPICallback, state_file
+    from epi.integrations.hf import EPICallback, state_file
     from epi.training.loop import TrainConfig, make_optimizer
     from epi.training.checkpoints import load_checkpoint
     marker = tmp_path / "owned"

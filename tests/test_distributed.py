@@ -20,8 +20,8 @@ from helpers import ROOT, small_llama
 from epi import EPIConfig, EvolvingIsolation
 from epi.engine.backends import check_supported, shard_group
 from epi.engine.masks import masks_digest
-from epi.distributed import gather_masks
-from epi.hf import EPICallback
+from epi.integrations.distributed import gather_masks
+from epi.integrations.hf import EPICallback
 
 SCOPES = ("global", "per_task")
 

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from epi import bench, gpu_check, recipe
+from epi import bench, gpu_check
+from epi.integrations import recipe
 from epi.__main__ import main
 from epi.engine.core import ActiveMask
 

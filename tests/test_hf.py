@@ -11,8 +11,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from helpers import small_llama
 from epi import EPIConfig
-from epi.hf import EPICallback, EPITrainerMixin, TaskCollator, base_optimizer, task_blocks
-from epi.recipe import SEQUENTIAL_ARG, trainer_class
+from epi.integrations.hf import EPICallback, EPITrainerMixin, TaskCollator, base_optimizer, task_blocks
+from epi.integrations.recipe import SEQUENTIAL_ARG, trainer_class
 
 STEPS = 8
 # transformers 5 clips in Trainer._clip_grad_norm, which EPITrainerMixin overrides; 4.x clips inline, so the

@@ -5,8 +5,8 @@ import torch
 
 from epi import EPIConfig, EvolvingIsolation
 from epi.models.shapes import random_model
-from epi.memory import LEAN, engine_bytes_per_param, estimate, model_shape, plan
-from epi.recipe import METHODS, choose_precision
+from epi.integrations.memory import LEAN, engine_bytes_per_param, estimate, model_shape, plan
+from epi.integrations.recipe import METHODS, choose_precision
 
 QWEN_05B = "qwen2.5-0.5b"  # the gpu profile's model shape (Qwen2.5-0.5B-Instruct's config), counted on meta
 

@@ -8,11 +8,11 @@ import torch
 
 from epi import EPIConfig
 from epi.models.shapes import save_random_model
-from epi.hf import task_blocks
-from epi.method_store import ENGINE_STATE, RESULT, load_result, run_or_load
+from epi.integrations.hf import task_blocks
+from epi.integrations.method_store import ENGINE_STATE, RESULT, load_result, run_or_load
 from epi.models import load_model
-from epi.recipe import (METHODS, SEQUENTIAL_ARG, Recipe, evaluate_model, run_method, sft_examples, task_collator,
-                        trainer_class, training_args)
+from epi.integrations.recipe import (METHODS, SEQUENTIAL_ARG, Recipe, evaluate_model, run_method, sft_examples,
+                                     task_collator, trainer_class, training_args)
 from epi.tasks import generate
 
 TASKS = ("math", "logic")

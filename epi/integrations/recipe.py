@@ -21,10 +21,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from .training.device import choose_precision as device_precision
-from .engine.config import EPIConfig
+from ..training.device import choose_precision as device_precision
+from ..engine.config import EPIConfig
 from .hf import TASK_KEY, EPICallback, EPITrainerMixin, TaskCollator
-from .tasks.formatting import collate, fit_example, pad_id, tokenize_records
+from ..tasks.formatting import collate, fit_example, pad_id, tokenize_records
 
 METHODS: Dict[str, Optional[str]] = {"full_sft": None, "epi": "global", "epi_per_task": "per_task"}  # → scope
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16_weights")
@@ -163,7 +163,7 @@ def evaluate_model(model, tokenizer, eval_sets: Mapping[str, Sequence[dict]], *,
                    max_new_tokens: int = 256) -> Dict[str, dict]:
     """Return {task: {"score", "loss", "n"}} on held-out records, under the training autocast on CUDA;
     each task's budget is its longest reference + 8 tokens, capped at max_new_tokens."""
-    from .tasks import evaluate
+    from ..tasks import evaluate
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     model.to(device)
     out = {}

@@ -26,7 +26,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from .engine.config import EPIConfig
+from ..engine.config import EPIConfig
 
 GIB = 2 ** 30
 LEAN = dict(importance_dtype="bfloat16", mask_format="index")
@@ -51,9 +51,9 @@ def model_shape(name: str) -> ModelShape:
     folder or a hub id, counted on the meta device (no weights are read or allocated)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models.shapes import SHAPES, shape_config
-    from .engine.core import isolatable
-    from .models import count_parameters, tiny_config
+    from ..models.shapes import SHAPES, shape_config
+    from ..engine.core import isolatable
+    from ..models import count_parameters, tiny_config
     if name in SHAPES:
         config = shape_config(name)
     elif name.lower() in ("tiny", "tiny-base"):

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import jsonio
+from .. import jsonio
 
 RESULT = "result.json"
 ENGINE_STATE = "epi_state.pt"
