@@ -7,7 +7,6 @@ import platform
 from pathlib import Path
 from typing import Optional, Sequence
 
-FLOORS = {"torch": "2.1", "transformers": "4.45"}
 # What notebooks 01-06 serve: synthetic EPI-Mini data and tiny-base. A notebook for the hub-scale
 # profiles (07) says so: setup_notebook(..., gpu_profile="gpu", serves=("smoke", "cpu", "gpu", "full")).
 CPU_SCALE = ("smoke", "cpu")

@@ -22,9 +22,9 @@ def test_grouping_is_connected_components_at_tau():
     assert cpift.group_tasks(names, s, 1.1) == [["a"], ["b"], ["c"], ["d"]]  # no grouping
 
 
-def test_jaccard_matrix_of_cores():
+def test_core_similarity_is_the_jaccard_index_of_the_cores():
     cores = {"a": [torch.tensor([True, True, False, False])], "b": [torch.tensor([False, True, True, False])]}
-    assert cpift.jaccard_matrix(cores) == [[1.0, 1 / 3], [1 / 3, 1.0]]
+    assert cpift.core_similarity(cores) == [[1.0, 1 / 3], [1 / 3, 1.0]]
 
 
 def test_slerp_follows_the_great_circle_and_falls_back_to_lerp():

@@ -10,7 +10,7 @@ Conventions used throughout (each function states its formula, indexed from 0):
 - Inputs are array-likes (lists, numpy arrays, torch tensors on any device); results are numpy arrays or floats.
 - Bad inputs (wrong shape, length mismatch, empty) raise ``ValueError`` naming the argument.
 
-Gradient-conflict metrics live in :mod:`epi.conflict` and are re-exported here.
+Gradient-conflict metrics live in :mod:`epi.analysis.conflict` and are re-exported here.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-from epi.analysis.conflict import conflict_score_per_task, conflict_scores, task_gradients, trainable_parameter_names
+from ..engine.masks import mask_overlap
+from ..engine.masks import spearman as rank_correlation
+from .conflict import conflict_score_per_task, conflict_scores, task_gradients, trainable_parameter_names
 
 __all__ = [
     "final_scores", "average_score", "normalized_scores", "average_normalized_score",
@@ -240,27 +242,17 @@ def _mask_pairs(a: MaskLike, b: MaskLike, names: tuple[str, str]) -> list[tuple[
     return [(a, b)]
 
 
-def _count(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return int(torch.count_nonzero(x).item())
-    return int(np.count_nonzero(x))
-
-
-def _overlap_counts(a: MaskLike, b: MaskLike, names: tuple[str, str]) -> tuple[int, int, int]:
-    """Return (|a ∩ b|, |a|, |b|) summed over aligned masks; nonzero entries count as members."""
-    inter = na = nb = 0
+def _overlap(a: MaskLike, b: MaskLike, names: tuple[str, str]) -> dict:
+    """Return `epi.engine.masks.mask_overlap` of aligned masks (nonzero entries count as members)."""
+    xs, ys = [], []
     for x, y in _mask_pairs(a, b, names):
         if tuple(np.shape(x)) != tuple(np.shape(y)):
             raise ValueError(f"{names[0]} and {names[1]} masks must have the same shape, "
                              f"got {tuple(np.shape(x))} and {tuple(np.shape(y))}")
-        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            x = torch.as_tensor(x).bool()
-            y = torch.as_tensor(y, device=x.device).bool()
-        else:
-            x, y = np.asarray(x, dtype=bool), np.asarray(y, dtype=bool)
-        inter += _count(x & y)
-        na, nb = na + _count(x), nb + _count(y)
-    return inter, na, nb
+        x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+        xs.append(x.bool())
+        ys.append((y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))).to(x.device).bool())
+    return mask_overlap(xs, ys)
 
 
 def jaccard(a: MaskLike, b: MaskLike) -> float:
@@ -269,9 +261,7 @@ def jaccard(a: MaskLike, b: MaskLike) -> float:
     Masks are numpy bool arrays or torch bool tensors, or lists/dicts of them (one per parameter tensor),
     in which case counts are summed over the list before dividing.
     """
-    inter, na, nb = _overlap_counts(a, b, ("a", "b"))
-    union = na + nb - inter
-    return 1.0 if union == 0 else inter / union
+    return _overlap(a, b, ("a", "b"))["jaccard"]
 
 
 def churn(prev: MaskLike, cur: MaskLike) -> float:
@@ -279,11 +269,7 @@ def churn(prev: MaskLike, cur: MaskLike) -> float:
 
     0.0 if both masks are empty; inf if only ``cur`` is empty. Accepts the same mask types as :func:`jaccard`.
     """
-    inter, n_prev, n_cur = _overlap_counts(prev, cur, ("prev", "cur"))
-    changed = n_prev + n_cur - 2 * inter
-    if n_cur == 0:
-        return 0.0 if changed == 0 else math.inf
-    return changed / n_cur
+    return _overlap(prev, cur, ("prev", "cur"))["churn"]
 
 
 def released_fraction(prev: MaskLike, cur: MaskLike) -> float:
@@ -291,37 +277,22 @@ def released_fraction(prev: MaskLike, cur: MaskLike) -> float:
 
     0.0 if ``prev`` is empty (nothing to release). Accepts the same mask types as :func:`jaccard`.
     """
-    inter, n_prev, _ = _overlap_counts(prev, cur, ("prev", "cur"))
-    return 0.0 if n_prev == 0 else (n_prev - inter) / n_prev
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    new_group = np.r_[True, xs[1:] != xs[:-1]]
-    group = np.cumsum(new_group) - 1
-    bounds = np.r_[np.flatnonzero(new_group), len(x)]  # first sorted position of each tie group, then n
-    mean_rank = (bounds[:-1] + bounds[1:] - 1) / 2 + 1  # ties share the mean of the 1-based ranks they span
-    ranks = np.empty(len(x))
-    ranks[order] = mean_rank[group]
-    return ranks
+    return _overlap(prev, cur, ("prev", "cur"))["released_fraction"]
 
 
 def spearman(x: ArrayLike, y: ArrayLike) -> float:
     """Return Spearman's ρ: the Pearson correlation of the ranks of x and y (ties get their average rank).
 
     Inputs are flattened; nan if either input is constant. Matches ``scipy.stats.spearmanr`` without
-    needing scipy; meant for importance scores on a fixed sample of coordinates, not full tensors.
+    needing scipy; meant for importance scores on a fixed sample of coordinates, not full tensors. The
+    ranking is the engine's (`epi.engine.masks.spearman`, which computes the drift history's values).
     """
     a, b = _to_numpy(x).ravel(), _to_numpy(y).ravel()
     if a.size != b.size or a.size < 2:
         raise ValueError(f"x and y must have the same length >= 2, got {a.size} and {b.size}")
     if np.isnan(a).any() or np.isnan(b).any():
         raise ValueError("x and y must not contain nan")
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return math.nan if denom == 0 else float((ra * rb).sum() / denom)
+    return rank_correlation(torch.from_numpy(a.astype(np.float64)), torch.from_numpy(b.astype(np.float64)))
 
 
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:

@@ -12,7 +12,8 @@ non-zero importance the realised count is smaller than k (a threshold of 0 used 
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Optional, Sequence
+import math
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -153,17 +154,25 @@ def _counts(values: Sequence[int], group) -> list:
     return [int(v) for v in t]
 
 
+def overlap_counts(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], group=None) -> Tuple[int, int, int]:
+    """Return (|a ∩ b|, |a|, |b|) of two lists of bool masks, summed over the tensors (and the ranks of `group`)."""
+    inter, na, nb = _counts([sum(int((x & y).sum()) for x, y in zip(a, b)), sum(int(x.sum()) for x in a),
+                             sum(int(y.sum()) for y in b)], group)
+    return inter, na, nb
+
+
 def mask_overlap(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], group=None) -> dict:
     """Return Jaccard, churn and released fraction between masks a (previous) and b (current).
 
-    jaccard = |a∩b| / |a∪b| (1.0 when both are empty); churn = |a△b| / |b|; released = |a∖b| / |a|.
+    jaccard = |a∩b| / |a∪b| (1.0 when both are empty); churn = |a△b| / |b| (0.0 when both are empty, inf
+    when only b is: everything changed); released = |a∖b| / |a| (0.0 when a is empty: nothing to release).
+    The one implementation: epi.analysis.metrics' jaccard, churn and released_fraction call it.
     """
-    inter, na, nb = _counts([sum(int((x & y).sum()) for x, y in zip(a, b)), sum(int(x.sum()) for x in a),
-                             sum(int(y.sum()) for y in b)], group)
-    union = na + nb - inter
+    inter, na, nb = overlap_counts(a, b, group)
+    union, changed = na + nb - inter, na + nb - 2 * inter
     return {
         "jaccard": inter / union if union else 1.0,
-        "churn": (na + nb - 2 * inter) / nb if nb else 0.0,
+        "churn": changed / nb if nb else (0.0 if changed == 0 else math.inf),
         "released_fraction": (na - inter) / na if na else 0.0,
     }
 
@@ -177,7 +186,9 @@ def index_overlap(first_idx: Sequence[torch.Tensor], masks: Sequence[torch.Tenso
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Return Spearman's rank correlation of two 1-D tensors (average ranks for ties); nan if constant."""
+    """Return Spearman's rank correlation of two 1-D tensors (average ranks for ties); nan if constant.
+
+    The one implementation: epi.analysis.metrics.spearman checks its inputs and calls it."""
     def ranks(v: torch.Tensor) -> torch.Tensor:
         v = v.double()
         order = torch.argsort(v)

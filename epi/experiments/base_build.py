@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Optional, Tuple
@@ -27,6 +25,7 @@ import torch
 from ..engine.config import EPIConfig
 from ..engine.core import isolatable
 from ..engine.importance import ImportanceTracker
+from ..jsonio import atomic_write
 from ..models.base_cache import base_dir
 from ..models.factory import load_model, save_model
 from ..tasks import ABILITIES, evaluate
@@ -56,7 +55,7 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
     per_task = -(-cfg.base_steps // len(tasks))
     schedule = balanced_schedule(tasks, per_task, seed=cfg.seed + BASE_SCHEDULE_SEED_OFFSET)[:cfg.base_steps]
     data = StepData(batchers, schedule)
-    opt = make_optimizer(model, TrainConfig(lr=cfg.base_lr, weight_decay=cfg.weight_decay, steps=cfg.base_steps))
+    opt = make_optimizer(model, TrainConfig(lr=cfg.base_lr, weight_decay=cfg.weight_decay))
     params = [p for _, p in isolatable(model, EPIConfig())]
     names = [n for n, _ in isolatable(model, EPIConfig())]
     glob = ImportanceTracker(params, EPIConfig(score="fisher", beta=cfg.beta, scope="global"))
@@ -65,24 +64,22 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
     state = train_steps(model, opt, data, steps=len(data), plugins=[TrackImportance(glob, per)], clip=cfg.clip,
                         desc="tiny-base" if progress else None)
     scores = evaluate(model, tok, {t: eval_records(t, cfg.eval_records, cfg.difficulty) for t in tasks})
-    # write into a temporary folder and rename: a parallel builder never sees a half-written base
-    final, out = out, out.with_name(out.name + f".tmp{os.getpid()}")
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, tok, out)
     importance = {"global": {n: b.cpu() for n, b in zip(names, glob.buffers["global"])},
                   **{t: {n: b.cpu() for n, b in zip(names, bufs)} for t, bufs in per.buffers.items()}}
-    torch.save(importance, out / "importance.pt")
-    meta = {"command": f"python -m epi base --profile {cfg.profile} --seed {cfg.seed}", "seed": cfg.seed,
-            "steps": cfg.base_steps, "lr": cfg.base_lr, "tasks": tasks, "scores": scores,
-            "final_loss": sum(state.losses[-50:]) / len(state.losses[-50:]), "wall_s": round(time.time() - t0, 1),
-            "torch_threads": torch.get_num_threads(), "device": describe(device)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    if (final / "meta.json").exists():
-        shutil.rmtree(out)
-    else:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(out, final)
-    out = final
+    meta: dict = {}
+
+    def write(folder: Path) -> None:
+        save_model(model, tok, folder)
+        torch.save(importance, folder / "importance.pt")
+        meta.update({"command": f"python -m epi base --profile {cfg.profile} --seed {cfg.seed}", "seed": cfg.seed,
+                     "steps": cfg.base_steps, "lr": cfg.base_lr, "tasks": tasks, "scores": scores,
+                     "final_loss": sum(state.losses[-50:]) / len(state.losses[-50:]),
+                     "wall_s": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(),
+                     "device": describe(device)})
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    # a parallel builder never sees a half-written base; when another one finished first, its base is kept
+    atomic_write(out, write, unless=lambda final: (final / "meta.json").exists())
     log.info("built %s in %.0f s: %s", out, meta["wall_s"], {t: round(s["score"], 2) for t, s in scores.items()})
     return out
 

@@ -31,13 +31,13 @@ import inspect
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..jsonio import atomic_write
 from ..tasks.formatting import IGNORE_INDEX, pad_id, tokenize_records
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,8 @@ class GeneralProbe:
             self.start = self.measure(model, reuse_start=False)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel runs may write the same entry
-                torch.save({"base": self.base, "start": self.start}, tmp)
-                tmp.replace(path)
+                # atomic: parallel runs may write the same entry
+                atomic_write(path, lambda tmp: torch.save({"base": self.base, "start": self.start}, tmp))
         log.info("general probe: %d pairs, %d response positions, top_k %d", len(self.examples),
                  sum(b[0].shape[0] for b in self.base), self.top_k)
 

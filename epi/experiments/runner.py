@@ -411,8 +411,10 @@ def run_lock(folder: Path, say: Callable[[str], None] = log.info) -> Iterator[No
 
 def discard(out: Path, say: Callable[[str], None] = log.info) -> None:
     """Delete what an earlier attempt of the run in `out` left (results, checkpoints, snapshots)."""
-    gone = [p for p in (out / "results.json", out / "checkpoint.pt", out / "checkpoint.tmp", out / "snapshots.npz",
-                        *sorted(out.glob("*/checkpoint.pt")), *sorted(out.glob("*/checkpoint.tmp"))) if p.exists()]
+    # checkpoint*.tmp: what a checkpoint write killed midway left (epi.jsonio.atomic_write; older runs: .tmp)
+    gone = [p for p in (out / "results.json", out / "checkpoint.pt", *sorted(out.glob("checkpoint*.tmp")),
+                        out / "snapshots.npz", *sorted(out.glob("*/checkpoint.pt")),
+                        *sorted(out.glob("*/checkpoint*.tmp"))) if p.exists()]
     for p in gone:
         p.unlink()
     if gone:

@@ -44,6 +44,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..engine.config import EPIConfig
 from ..engine.backends import assert_same_task, check_supported, shard_group
 from ..engine.core import EvolvingIsolation
+from ..jsonio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +233,8 @@ class EPICallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, state_file())
-        torch.save({"global_step": state.global_step, "engine": self.engine.state_dict()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        blob = {"global_step": state.global_step, "engine": self.engine.state_dict()}
+        atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
     def load(self, folder: str, global_step: Optional[int] = None) -> None:
         """Restore the engine state saved by `on_save` in checkpoint `folder` (this rank's file)."""

@@ -9,7 +9,6 @@ for now: results of other settings are refused with what differs (change the fol
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -32,9 +31,7 @@ def save_result(folder: str | Path, name: str, result: dict, settings: dict,
     out.mkdir(parents=True, exist_ok=True)
     if engine_state is not None:
         import torch
-        tmp = out / f"{ENGINE_STATE}.tmp"
-        torch.save(engine_state, tmp)
-        os.replace(tmp, out / ENGINE_STATE)
+        jsonio.atomic_write(out / ENGINE_STATE, lambda tmp: torch.save(engine_state, tmp))
     jsonio.write_json(out / RESULT, {"settings": settings, "result": result})  # last: its presence means finished
     return out
 

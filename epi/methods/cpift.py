@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..engine.masks import top_p_masks
+from ..engine.masks import mask_overlap, top_p_masks
 
 
 def core_regions(deltas: Dict[str, List[torch.Tensor]], ratio: float) -> Dict[str, List[torch.Tensor]]:
@@ -25,9 +25,9 @@ def core_regions(deltas: Dict[str, List[torch.Tensor]], ratio: float) -> Dict[st
     return {task: top_p_masks([d.abs() for d in ds], ratio, normalize="none") for task, ds in deltas.items()}
 
 
-def jaccard_matrix(cores: Dict[str, List[torch.Tensor]]) -> List[List[float]]:
-    """Return S[i][j] = |C_i ∩ C_j| / |C_i ∪ C_j| over the tasks in `cores` order."""
-    from ..engine.masks import mask_overlap
+def core_similarity(cores: Dict[str, List[torch.Tensor]]) -> List[List[float]]:
+    """Return CPI-FT's task similarity S[i][j] = |C_i ∩ C_j| / |C_i ∪ C_j| (the Jaccard index of two tasks'
+    core regions), over the tasks in `cores` order."""
     names = list(cores)
     return [[mask_overlap(cores[a], cores[b])["jaccard"] for b in names] for a in names]
 

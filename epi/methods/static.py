@@ -36,7 +36,7 @@ class Static(Method):
         if not self.cores:
             deltas, probes = run.probe(probe_tasks, cfg.probe_steps)
             self.cores = cpift.core_regions(deltas, cfg.ratio)
-            self.similarity = cpift.jaccard_matrix(self.cores)
+            self.similarity = cpift.core_similarity(self.cores)
             groups = cpift.group_tasks(probe_tasks, self.similarity, cfg.group_tau)
             random.Random(cfg.seed).shuffle(groups)  # CPI-FT mainly evaluates random group order
             self.groups = groups

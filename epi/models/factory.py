@@ -23,13 +23,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..jsonio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -228,17 +228,8 @@ def _smollm2(cache_dir: str | os.PathLike | None, dtype: torch.dtype | None,
             pass
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # write next to the target and rename: an interrupted conversion never leaves a half cache
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=folder.parent))
-        try:
-            save_model(model, tokenizer, tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.chmod(0o755)  # mkdtemp creates 0700
-            tmp.rename(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # written next to the target and renamed: an interrupted conversion never leaves a half cache
+        atomic_write(folder, lambda tmp: save_model(model, tokenizer, tmp))
         logger.info("cached smollm2-135m in %.1f s", time.perf_counter() - start)
     return _from_folder(folder, dtype, overrides)
 

@@ -6,7 +6,6 @@ truncated, raises CheckpointError naming it and what to do.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
 from dataclasses import asdict
@@ -16,6 +15,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from ..jsonio import atomic_write
 from .loop import LoopState
 
 
@@ -76,9 +76,7 @@ def save_checkpoint(path: Path, *, model, optimizer, state: LoopState, engine=No
             "rng": rng_state(), "extra": plain(extra or {}, "extra")}
     if scaler is not None:
         blob["scaler"] = plain(scaler.state_dict(), "scaler")
-    tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
 def safe_load(path: Path, advice: str):

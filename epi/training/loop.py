@@ -35,21 +35,13 @@ BatchFn = Callable[[int], Tuple[str, Batch]]
 
 @dataclass
 class TrainConfig:
-    """Optimiser and loop settings (AdamW, constant learning rate)."""
-    steps: int = 300
-    batch_size: int = 32
+    """The optimiser's settings: AdamW at a constant learning rate (the loop's own settings — steps, clipping,
+    accumulation — are arguments of `train_steps`)."""
     lr: float = 2e-3
     weight_decay: float = 0.1
     betas: Tuple[float, float] = (0.9, 0.98)
-    clip: Optional[float] = 1.0
-    grad_accum: int = 1
-    max_length: int = 128
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "max_length"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.weight_decay < 0:
