@@ -1,7 +1,9 @@
 """EPI — Evolving Parameter Isolation for multi-task supervised fine-tuning.
 
-Public API: the engine (EPIConfig, EvolvingIsolation) and the radix top-k threshold. Everything else
-lives in submodules: epi.tasks, epi.models, epi.train, epi.metrics, epi.methods, epi.hf, epi.plots.
+Public API: the engine (EPIConfig, EvolvingIsolation) and the radix top-k threshold. Everything else lives
+in layers that import one way (engine ← training ← methods ← experiments ← CLI; analysis reads records):
+epi.engine, epi.training, epi.methods, epi.experiments, epi.analysis, epi.integrations (epi.hf: the
+Trainer callback), epi.tasks, epi.models.
 """
 from .engine.config import EPIConfig
 from .engine.core import EvolvingIsolation, isolatable

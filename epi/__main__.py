@@ -78,8 +78,8 @@ def _run(args) -> int:
 
 def _grid(args) -> int:
     from .experiments.profiles import resolve
-    from .methods.registry import METHODS, MIX_ONLY
     from .experiments.runner import RunRefused, output_folder, run_grid
+    from .methods.registry import METHODS, MIX_ONLY
     from .training.checkpoints import CheckpointError
     methods = sorted(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
@@ -107,8 +107,8 @@ def _grid(args) -> int:
 def _compare(args) -> int:
     import logging
 
-    from .experiments.collect import compare
     from .analysis.compare import summary_table, write_tables
+    from .experiments.collect import compare
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")  # skipped files, unpooled runs
     try:
         df = compare(args.root)
@@ -122,9 +122,9 @@ def _compare(args) -> int:
 
 
 def _base(args) -> int:
-    from .models.base_cache import base_dir, base_meta
     from .experiments.base_build import build_base
     from .experiments.profiles import resolve
+    from .models.base_cache import base_dir, base_meta
     cfg = resolve(args.profile, seed=args.seed)
     folder = base_dir(cfg)
     if not (folder / "meta.json").exists() or args.force:

@@ -10,12 +10,12 @@ Parts, in this order; each is timed, and skipped with its reason when the budget
                  plain fused AdamW (interleaved, median, same batch), lean-mode step, refresh radix vs
                  cat+kthvalue, bytes per parameter, peak GPU memory. Target (issue 17): step ratio ≤ 1.02 on
                  the 0.5B shape, printed next to the result (a miss is a finding, not a failed check).
-  trainer        notebook 07's recipe (`epi.recipe.run_method`: `EPICallback` in an unmodified
+  trainer        notebook 07's recipe (`epi.integrations.recipe.run_method`: `EPICallback` in an unmodified
                  `transformers.Trainer`) on a random-init 0.5B-shaped model, fp32 weights + bf16 autocast,
                  gradient accumulation 4, global and per-task scope: its spy checks at every optimizer step
                  that the protected weights moved exactly 0.0.
   notebook 07    papermill on notebooks/07 with PROFILE="gpu", a random-init 0.5B-shaped model folder
-                 (`epi.bench.save_random_model`) as MODEL_NAME, local stand-in datasets, a few steps per method.
+                 (`epi.models.shapes.save_random_model`) as MODEL_NAME, local stand-in datasets, a few steps per method.
 
 Writes <out>/gpu_check.md (tables), <out>/gpu_check.json (raw numbers, no NaN) and <out>/provenance.json
 (GPU, capability, versions, date, command). Scratch files (model folders, Trainer outputs, the executed
@@ -146,12 +146,13 @@ def _examples(vocab: int, seq: int, per_task: int, tasks: Sequence[str]) -> dict
 
 
 def _trainer_run(p: Plan, method: str, work: Path) -> dict:
-    """Return one Trainer run's numbers through `epi.recipe.run_method` (notebook 07's recipe: EPICallback +
-    ProtectedDriftSpy, gradient accumulation, precision from the device: bf16 autocast on Ampere or newer)."""
+    """Return one Trainer run's numbers through `epi.integrations.recipe.run_method` (notebook 07's recipe:
+    EPICallback + ProtectedDriftSpy, gradient accumulation, precision from the device: bf16 autocast on Ampere
+    or newer)."""
     from . import EPIConfig
-    from .models.shapes import SHAPES, random_model
     from .integrations.hf import TaskCollator, task_blocks
     from .integrations.recipe import Recipe, choose_precision, run_method
+    from .models.shapes import SHAPES, random_model
 
     block = p.trainer_micro_batch * p.grad_accum
     data = _examples(SHAPES[p.model_shape]["vocab_size"], p.trainer_seq, block * (p.trainer_steps // 2 + 1), ("a", "b"))
@@ -245,7 +246,7 @@ def notebook_part(p: Plan, work: Path, timeout_s: float) -> dict:
 
 
 def _saved_result(save_dir: Path, method: str) -> dict:
-    """Return the result notebook 07 saved for `method` (epi.method_store), or {} when there is none."""
+    """Return the result notebook 07 saved for `method` (epi.integrations.method_store), or {} when there is none."""
     try:
         return json.loads((save_dir / method / "result.json").read_text()).get("result", {})
     except (OSError, ValueError, AttributeError):
@@ -400,7 +401,8 @@ def markdown(record: dict, prov: dict) -> str:
                              f"{m['step']['ratio']:.3f}× → {'met' if t['met'] else 'NOT met'}.")
     trainer = by_name.get("trainer", {}).get("result")
     if trainer:
-        lines += ["", f"## Trainer path (epi.recipe.run_method, EPICallback, {trainer['model_shape']} random init)", "",
+        lines += ["", f"## Trainer path (epi.integrations.recipe.run_method, EPICallback, {trainer['model_shape']} "
+                      "random init)", "",
                   "| scope | precision | micro-batch × accumulation × tokens | optimizer steps | engine observations "
                   "| refresh steps | isolated steps | max protected drift | protected share | isolation mode "
                   "| train (s) | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .nb import repo_root
 from .analysis.report import write_report
+from .nb import repo_root
 
 NOTEBOOKS = ("01", "02", "03", "04", "05", "06")
 

@@ -9,7 +9,7 @@ Multi-GPU (FSDP2):    accelerate launch --config_file examples/accelerate_fsdp2.
 and fp16 autocast + GradScaler on older ones (T4). Add --mixin to mask before gradient clipping
 (EPITrainerMixin) instead of after (EPICallback).
 
-The recipe (SFT examples, TrainingArguments, Trainer classes) is epi.recipe's, shared with notebook 07;
+The recipe (SFT examples, TrainingArguments, Trainer classes) is epi.integrations.recipe's, shared with notebook 07;
 it runs on transformers 4.47 and later. Per-task scope needs one task per optimizer step on every rank:
 examples are cut into single-task blocks of batch × accumulation × world size (epi.hf.task_blocks) and
 read in order. Writes the engine's drift history to OUT/epi_history.json.
@@ -23,9 +23,9 @@ import torch
 
 from epi import EPIConfig
 from epi.integrations.hf import EPICallback, task_blocks
-from epi.models import load_model
 from epi.integrations.recipe import (PRECISIONS, choose_precision, sft_examples, task_collator, trainer_class,
                                      training_args, weights_dtype)
+from epi.models import load_model
 from epi.tasks import generate
 
 

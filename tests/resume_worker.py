@@ -8,8 +8,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import small_llama  # noqa: E402
 
 from epi import EPIConfig, EvolvingIsolation  # noqa: E402
-from epi.training.loop import TrainConfig, make_optimizer, train_steps  # noqa: E402
 from epi.training.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from epi.training.loop import TrainConfig, make_optimizer, train_steps  # noqa: E402
 
 
 def batch_fn(step):

@@ -69,8 +69,8 @@ def test_load_checkpoint_and_the_trainer_callback_refuse_a_planted_pickle(tmp_pa
 
     from epi import EPIConfig, EvolvingIsolation
     from epi.integrations.hf import EPICallback, state_file
-    from epi.training.loop import TrainConfig, make_optimizer
     from epi.training.checkpoints import load_checkpoint
+    from epi.training.loop import TrainConfig, make_optimizer
     marker = tmp_path / "owned"
     torch.save({"loop": Planted(marker)}, tmp_path / "ckpt.pt")
     model = small_llama()
@@ -255,8 +255,8 @@ def test_results_json_is_strict_json_even_when_training_diverges(tmp_path):
 # ---- 5: compare groups only runs whose settings match; unreadable files are named and skipped ---------
 
 def test_compare_never_pools_runs_with_different_settings_and_names_bad_files(tmp_path, caplog):
-    from epi.experiments.collect import compare
     from epi.analysis.compare import summary_table
+    from epi.experiments.collect import compare
     cfg = resolve("smoke", method="full_sft", **TINY)
     rec = run_experiment(cfg, tmp_path / "good")
     for i, change in enumerate([{}, {"lr": 0.5}, {"clip": 0.0}, {"ratio": 0.3}]):

@@ -1,8 +1,8 @@
 """Step-keyed data: every method sees the same batches; schedules are balanced; replay replaces a share."""
 import torch
 
-from epi.training.data import StepData, balanced_schedule, make_batchers, with_replay
 from epi.models import load_model
+from epi.training.data import StepData, balanced_schedule, make_batchers, with_replay
 
 
 def test_balanced_schedule_holds_each_task_equally_and_is_seeded():

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from epi import EPIConfig, EvolvingIsolation
-from epi.training.device import (autocast_training_forward, choose_precision, make_scaler, needs_scaler,
-                                 record_precision, resolve_device, resolve_precision)
 from epi.experiments.profiles import resolve
 from epi.experiments.runner import check_same_settings, run_experiment
-from epi.training.loop import LoopState, TrainConfig, make_optimizer, train_steps
 from epi.training.checkpoints import load_checkpoint, save_checkpoint
+from epi.training.device import (autocast_training_forward, choose_precision, make_scaler, needs_scaler,
+                                 record_precision, resolve_device, resolve_precision)
+from epi.training.loop import LoopState, TrainConfig, make_optimizer, train_steps
 from helpers import small_llama
 
 SMALL = dict(tasks=["math", "chat"], steps_per_task=6, eval_records=4, eval_every=3)

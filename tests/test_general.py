@@ -1,4 +1,4 @@
-"""GeneralProbe: general-ability loss and KL to the start model (epi.general), on the tiny model."""
+"""GeneralProbe: general-ability loss and KL to the start model (epi.experiments.general), on the tiny model."""
 import math
 
 import pytest
@@ -133,7 +133,7 @@ def test_start_pass_is_cached_by_weights_and_reused(tiny, tmp_path):
 
 
 def _fake_record(method, seed, a, b, scores, general):
-    """A results record of a finished sequential run, as epi.runner writes it (only what compare reads)."""
+    """A results record of a finished sequential run, as epi.experiments.runner writes it (only what compare reads)."""
     from epi.experiments.profiles import resolve
     cfg = resolve("real_cpu", method=method, seed=seed, tasks=[a, b]).to_dict()
     (a0, b0), (a1, b1), (a2, b2) = scores

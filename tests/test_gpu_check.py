@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from epi import bench, gpu_check
-from epi.integrations import recipe
 from epi.__main__ import main
 from epi.engine.core import ActiveMask
+from epi.integrations import recipe
 
 PART_HEADER = "| part | status | wall (s) | result or reason |"
 BENCH_HEADER = ("| shape | params | plain step (s) | EPI step (s) | step ratio | lean step ratio | refresh radix (s) "

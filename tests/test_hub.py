@@ -94,8 +94,8 @@ def test_a_mirror_without_the_dataset_names_the_path_and_the_writer(tmp_path, mo
 
 
 def test_the_gpu_and_full_profiles_read_their_tasks_through_the_table(calls):
-    from epi.training.data import eval_records, train_records
     from epi.experiments.profiles import resolve
+    from epi.training.data import eval_records, train_records
     for profile in ("gpu", "full"):
         cfg = resolve(profile)
         assert cfg.data_source == "hub" and set(cfg.tasks) == set(HUB)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from epi import EPIConfig, EvolvingIsolation
-from epi.models.shapes import random_model
 from epi.integrations.memory import LEAN, engine_bytes_per_param, estimate, model_shape, plan
 from epi.integrations.recipe import METHODS, choose_precision
+from epi.models.shapes import random_model
 
 QWEN_05B = "qwen2.5-0.5b"  # the gpu profile's model shape (Qwen2.5-0.5B-Instruct's config), counted on meta
 

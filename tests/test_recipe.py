@@ -1,4 +1,4 @@
-"""The Trainer recipe (epi.recipe) that notebook 07 and examples/train_hf.py share, and the per-method
+"""The Trainer recipe (epi.integrations.recipe) that notebook 07 and examples/train_hf.py share, and the per-method
 store that lets a rerun skip finished methods. Runs on every transformers version the pyproject allows."""
 import json
 import math
@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from epi import EPIConfig
-from epi.models.shapes import save_random_model
 from epi.integrations.hf import task_blocks
 from epi.integrations.method_store import ENGINE_STATE, RESULT, load_result, run_or_load
-from epi.models import load_model
 from epi.integrations.recipe import (METHODS, SEQUENTIAL_ARG, Recipe, evaluate_model, run_method, sft_examples,
                                      task_collator, trainer_class, training_args)
+from epi.models import load_model
+from epi.models.shapes import save_random_model
 from epi.tasks import generate
 
 TASKS = ("math", "logic")

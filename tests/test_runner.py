@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from epi.experiments.collect import compare
 from epi.analysis.compare import summary_table, write_tables
+from epi.experiments.collect import compare
 from epi.experiments.profiles import resolve
-from epi.methods.registry import METHODS
 from epi.experiments.runner import run_experiment
+from epi.methods.registry import METHODS
 
 SMOKE = dict(tasks=["math", "instruction", "chat"], steps_per_task=8, eval_records=4, eval_every=4)
 

@@ -109,7 +109,7 @@ def run_row(rec: dict, references: Optional[Dict[str, float]] = None) -> dict:
                             b_after_a=s[0][b]["score"], b_after_b=s[1][b]["score"], a_before=base[a])
         row["forgetting_A"], row["learning_B"], row["learning_A"] = t2["forgetting_A"], t2["learning_B"], t2["learning_A"]
     general = rec.get("general") or []
-    if general:  # general ability (epi.general): loss increase over the run and the final KL to the start
+    if general:  # general ability (epi.experiments.general): loss increase over the run and the final KL to the start
         row["general_loss_increase"] = general[-1]["general_loss"] - general[0]["general_loss"]
         row["kl"] = general[-1]["kl"]
     row["protected_fraction"] = rec.get("protected_fraction_mean", 0.0)

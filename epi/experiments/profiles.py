@@ -103,9 +103,9 @@ class ExperimentConfig:
     base_steps: int = 2000                  # tiny-base pre-training steps (general mix of the abilities)
     base_lr: float = 2e-3
     base_batch_size: int = 32
-    general_eval: bool = False              # measure general ability (epi.general) before and after each stage
+    general_eval: bool = False              # measure general ability (experiments.general) before and after each stage
     freeze_embeddings: bool = False         # input embeddings (and a tied LM head) never train: faster CPU steps
-    device: str = "auto"                    # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N (epi.device)
+    device: str = "auto"                    # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N (training.device)
     precision: str = "auto"                 # auto | fp32 | bf16 | fp16: autocast of train-mode forwards; evals fp32
     monitor: bool = False                   # non-isolating methods: track importance and masks anyway (drift)
     snapshots: bool = False                 # save every refresh's masks + an importance sample (snapshots.npz)

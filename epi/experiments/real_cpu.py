@@ -4,7 +4,7 @@
 
 SmolLM2-135M-Instruct (offline, `epi.models`) is fine-tuned on ability A, then on ability B (and, in a
 second grid, B then A) with `full_sft`, `static` (CPI-FT), `epi` and `epi_per_task`: same data, steps and
-seeds, only the method differs. Every run also measures general ability (`epi.general`: response loss on
+seeds, only the method differs. Every run also measures general ability (`epi.experiments.general`: response loss on
 held-out general pairs and next-token KL to the base model) before training and after each stage.
 
 Writes, under --results:
@@ -56,10 +56,10 @@ def measure_base(config: ExperimentConfig, real_data: Optional[Path] = REAL_DATA
     """Return the base model's general ability, EPI-Mini scores and real-slice scores (before any SFT)."""
     import torch
 
-    from ..training.data import eval_records
-    from .general import GeneralProbe
     from ..models import load_model
     from ..tasks import ABILITIES, evaluate, load_task
+    from ..training.data import eval_records
+    from .general import GeneralProbe
     torch.set_num_threads(threads)
     t0 = time.time()
     model, tokenizer = load_model(config.model, seed=config.seed)
@@ -203,7 +203,7 @@ def table2_markdown(df: pd.DataFrame) -> str:
 
 def claims(df: pd.DataFrame, baseline: str = "full_sft", margin: float = 0.03) -> List[dict]:
     """Return report claims: does each isolating method forget less of the first task than `baseline`
-    (paired by seed and direction; `epi.report.reduction_claim`), and how much of the second task does it
+    (paired by seed and direction; `epi.analysis.report.reduction_claim`), and how much of the second task does it
     learn relative to `baseline`?"""
     from ..analysis.report import reduction_claim
     out = []

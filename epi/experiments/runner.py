@@ -23,8 +23,8 @@ import torch
 
 from ..engine.config import EPIConfig
 from ..engine.core import CURRENT_TASK, EvolvingIsolation, isolatable
-from .profiles import NOT_SETTINGS, ExperimentConfig
 from ..jsonio import write_json
+from .profiles import NOT_SETTINGS, ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ class Run:
     """One experiment in progress: model, data, optimizer, engine, method, evaluations."""
 
     def __init__(self, config: ExperimentConfig, out: Path, say: Callable[[str], None] = log.info):
-        from ..training.device import resolve_device, resolve_precision
         from ..methods.registry import make_method
+        from ..training.device import resolve_device, resolve_precision
         self.config, self.out, self.say = config, Path(out), say
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
@@ -149,8 +149,8 @@ class Run:
         of a grid that starts from the same model would otherwise repeat the same greedy evaluation."""
         import hashlib
 
-        from .general import fingerprint
         from ..models import cache_root
+        from .general import fingerprint
         where = [fingerprint(self.model), torch.get_num_threads(), self.eval_sets]
         if self.device.type != "cpu":  # GPU kernels round differently; CPU keys stay as they were
             where.append(self.device.type)
@@ -178,7 +178,7 @@ class Run:
 
     def resume_point(self) -> Optional[dict]:
         """Return the checkpoint of this run's interrupted earlier attempt (None when there is none), read
-        safely (epi.train.read_checkpoint); refuse one that was made with other settings."""
+        safely (epi.training.checkpoints.read_checkpoint); refuse one that was made with other settings."""
         from ..training.checkpoints import CheckpointError, read_checkpoint
         path = self.out / "checkpoint.pt"
         if not path.exists():
@@ -186,8 +186,8 @@ class Run:
         blob = read_checkpoint(path)
         record = blob["extra"].get("record") if isinstance(blob["extra"], dict) else None
         if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-            raise CheckpointError(f"checkpoint {path} holds no run record (not written by epi.runner); delete it "
-                                  "(or rerun with --fresh) to start the run over")
+            raise CheckpointError(f"checkpoint {path} holds no run record (not written by epi.experiments.runner); "
+                                  "delete it (or rerun with --fresh) to start the run over")
         differ = differing_settings(record["config"], self.config, record.get("precision"))
         if differ:
             raise RunRefused(f"{self.config.run_name}: {path} is an interrupted run with other settings ({differ}); "
@@ -196,10 +196,10 @@ class Run:
 
     # ---- the run -----------------------------------------------------------------------------------
     def execute(self) -> dict:
+        from ..training.checkpoints import load_checkpoint, save_checkpoint
         from ..training.data import StepData, balanced_schedule, eval_records, make_batchers, with_replay
         from ..training.device import autocast_training_forward, make_scaler
         from ..training.loop import LoopState, TrainConfig, make_optimizer, seed_everything, train_steps
-        from ..training.checkpoints import load_checkpoint, save_checkpoint
         cfg = self.config
         t0 = time.time()
         ckpt = self.resume_point()

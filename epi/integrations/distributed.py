@@ -22,13 +22,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..engine.backends import shard_group
 from ..engine.config import EPIConfig
 from ..engine.core import EvolvingIsolation, to_bool
 from ..engine.importance import local
 from ..engine.masks import masks_digest
-from ..engine.backends import shard_group
-from ..models.shapes import small_llama
 from ..jsonio import write_json
+from ..models.shapes import small_llama
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ import torch.distributed as dist
 from transformers import TrainerCallback, default_data_collator
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..engine.config import EPIConfig
 from ..engine.backends import assert_same_task, check_supported, shard_group
+from ..engine.config import EPIConfig
 from ..engine.core import EvolvingIsolation
 from ..jsonio import atomic_write
 

@@ -47,13 +47,13 @@ class ModelShape:
 
 
 def model_shape(name: str) -> ModelShape:
-    """Return the shape of a model named by an `epi.bench.SHAPES` key, "tiny"/"tiny-base", a local
+    """Return the shape of a model named by an `epi.models.shapes.SHAPES` key, "tiny"/"tiny-base", a local
     folder or a hub id, counted on the meta device (no weights are read or allocated)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models.shapes import SHAPES, shape_config
     from ..engine.core import isolatable
     from ..models import count_parameters, tiny_config
+    from ..models.shapes import SHAPES, shape_config
     if name in SHAPES:
         config = shape_config(name)
     elif name.lower() in ("tiny", "tiny-base"):

@@ -21,10 +21,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from ..training.device import choose_precision as device_precision
 from ..engine.config import EPIConfig
-from .hf import TASK_KEY, EPICallback, EPITrainerMixin, TaskCollator
 from ..tasks.formatting import collate, fit_example, pad_id, tokenize_records
+from ..training.device import choose_precision as device_precision
+from .hf import TASK_KEY, EPICallback, EPITrainerMixin, TaskCollator
 
 METHODS: Dict[str, Optional[str]] = {"full_sft": None, "epi": "global", "epi_per_task": "per_task"}  # → scope
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16_weights")
@@ -35,7 +35,7 @@ CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in Tra
 
 def choose_precision(requested: str = "auto", *, cuda: bool, capability: Optional[tuple] = None,
                      profile: str = "") -> str:
-    """Return the training precision: `requested`, or for "auto" `epi.device.choose_precision` (fp32 on CPU,
+    """Return the training precision: `requested`, or for "auto" `epi.training.device.choose_precision` (fp32 on CPU,
     bf16 autocast on GPUs of compute capability >= 8, fp16 autocast + GradScaler below: T4) with bf16
     weights instead of bf16 autocast in the `full` profile."""
     if requested != "auto":

@@ -104,7 +104,8 @@ def read_checkpoint(path: Path) -> dict:
     missing = [k for k in ("model", "optimizer", "loop", "engine", "rng", "extra")
                if not isinstance(blob, dict) or k not in blob]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing} (not written by epi.train.save_checkpoint); {advice}")
+        raise CheckpointError(f"checkpoint {path} lacks {missing} (not written by "
+                              f"epi.training.checkpoints.save_checkpoint); {advice}")
     return blob
 
 

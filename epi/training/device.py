@@ -11,7 +11,7 @@ GradScaler (fp16 gradients underflow without one). "bf16" on CPU is exactly what
 always did (its `bf16_autocast` flag, which this setting replaced).
 
 The device says how a run executes (like `threads`); the precision changes its numbers, so a finished
-run's settings check compares the precision it resolved to (epi.runner.check_same_settings).
+run's settings check compares the precision it resolved to (epi.experiments.runner.check_same_settings).
 """
 from __future__ import annotations
 

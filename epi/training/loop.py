@@ -8,7 +8,7 @@ engine.observe(task) (importance + gradient mask, before clipping) → clip → 
 engine's hooks keep protected coordinates exact) → zero_grad.
 
 Batches come from the CPU and are placed on the model's device once per step. With a GradScaler (fp16,
-epi.device) the loss is scaled for backward and the gradients are unscaled right after it, so plugins,
+epi.training.device) the loss is scaled for backward and the gradients are unscaled right after it, so plugins,
 the importance and clipping see true gradients; a step with inf/NaN gradients is skipped by the scaler,
 so the optimizer never runs and the engine (whose hooks sit on optimizer.step) neither counts it nor
 refreshes, and its importance skips the non-finite gradients (check_finite).
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .device import to_device
 from ..progress import progress_disabled
+from .device import to_device
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_
 
     batch_fn(step) gives the (task, batch) of a step; with grad_accum > 1, micro_fn(step, i) gives the
     i-th micro-batch (default: batch_fn's batch split into grad_accum chunks). callback(state) runs after
-    every step (checkpointing, evaluation). scaler: a GradScaler for fp16 training (epi.device.make_scaler).
+    every step (checkpointing, evaluation). scaler: a GradScaler for fp16 training (epi.training.device.make_scaler).
     """
     state = state or LoopState()
     model.train()
