@@ -59,10 +59,13 @@ def measure_base(config: ExperimentConfig, real_data: Optional[Path] = REAL_DATA
     from ..models import load_model
     from ..tasks import ABILITIES, evaluate, load_task
     from ..training.data import eval_records
+    from .base_build import ensure_base
     from .general import GeneralProbe
     torch.set_num_threads(threads)
     t0 = time.time()
-    model, tokenizer = load_model(config.model, seed=config.seed)
+    # tiny-base is built per profile and seed (epi.experiments.base_build); any other name loads as it is
+    model, tokenizer = load_model(str(ensure_base(config)) if config.model == "tiny-base" else config.model,
+                                  seed=config.seed)
     out = {"model": config.model, "eval_records": config.eval_records,
            "general": GeneralProbe(model, tokenizer, max_length=config.max_length).measure(model), "scores": {}}
     sets = {t: eval_records(t, config.eval_records, config.difficulty) for t in ABILITIES}
