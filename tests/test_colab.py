@@ -142,7 +142,8 @@ def test_colab_run_imports_the_clone_in_one_kernel_and_again_after_a_restart(ker
     # (here the test environment's own install of epi answers, on Colab the clone's editable install)
     probe = run_kernel([*(c.source for c in first), "from epi.training.data import StepData", PROBE], content, env)
     assert probe["epi"] and Path(probe["epi"]).is_file(), "a namespace package has no __file__"
-    assert Path(probe["epi"]).parent.name == "epi" and (Path(probe["epi"]).parent / "training" / "data.py").is_file()
+    package = Path(probe["epi"]).parent
+    assert package.name == "epi" and (package / "training" / "data.py").is_file()
     assert len(pip_calls(pip_log)) == 2
 
 
