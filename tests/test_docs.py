@@ -99,3 +99,11 @@ def test_every_notebook_has_an_executed_copy_in_step_with_its_source(source):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), "no figure in the executed copy"
     assert "/work/" not in copy.read_text() and str(ROOT) not in copy.read_text()  # no build-machine paths
+
+
+def test_the_architecture_map_names_every_module():
+    """docs/ARCHITECTURE.md is the newcomer's map: a module it does not name is a module nobody can find."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    missing = [str(p.relative_to(ROOT / "epi")) for p in sorted((ROOT / "epi").rglob("*.py"))
+               if p.name != "__init__.py" and f"{p.name}`" not in text]
+    assert not missing, f"docs/ARCHITECTURE.md does not name {missing}"
