@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from . import metrics
+from .tables import mean_sd_cell
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,7 @@ def summary_table(df: pd.DataFrame, digits: int = 2) -> str:
             key = key if isinstance(key, tuple) else (key,)
             method, variant = key[0], (key[1] if len(key) > 1 else "")
             name = f"{method} ({variant})" if variant else method
-            cells = [metrics.mean_sd(g[c].dropna().astype(float).tolist(), digits) if g[c].notna().any() else "–"
-                     for c in cols]
+            cells = [mean_sd_cell(g[c].tolist(), digits) for c in cols]
             lines.append(f"| {name} | {len(g)} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)

@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..jsonio import write_json
+from . import stats
+from .metrics import mean_sd
+from .tables import claims_table
 
-VERDICTS = ("supported", "not supported", "mixed", "not measured")
+VERDICTS = stats.VERDICTS  # the one list, with the rule that decides them
 
 
 def claim(claim: str, measured: str, verdict: str, evidence: str = "") -> dict:
@@ -28,30 +31,20 @@ def reduction_claim(text: str, frame, column: str, method: str, baseline: str, m
                     evidence: str = "") -> dict:
     """Return the claim "`method` has a lower `column` than `baseline`", decided on paired runs.
 
-    Runs pair on seed (and direction when `frame` has one); reduction = baseline − method per pair.
-    supported = every pair shows a reduction and the mean reduction exceeds `margin`; not supported = the mean
-    reduction is ≤ 0; mixed otherwise; not measured = the baseline's own mean is ≤ `margin` (nothing to
-    reduce) or no pair exists.
+    Runs pair on seed (and direction when `frame` has one); reduction = baseline − method per pair, decided by
+    `stats.verdict` with rule "every_pair": supported = every pair shows a reduction and the mean reduction
+    exceeds `margin`; not supported = the mean reduction is ≤ 0; mixed otherwise; not measured = the
+    baseline's own mean is ≤ `margin` (nothing to reduce) or no pair exists.
     """
-    from .metrics import mean_sd
-    keys = [k for k in ("seed", "direction") if k in frame]
-    pairs = frame[frame["method"] == baseline].merge(frame[frame["method"] == method], on=keys,
-                                                     suffixes=("_base", "_m"))
+    pairs = stats.pairs(frame, column, method, baseline)
     if pairs.empty:
         return claim(text, f"no paired runs of {method} and {baseline}", "not measured", evidence)
-    diffs = (pairs[f"{column}_base"] - pairs[f"{column}_m"]).tolist()
-    mean_diff, base_mean = sum(diffs) / len(diffs), pairs[f"{column}_base"].mean()
-    measured = (f"{column}: {baseline} {mean_sd(pairs[f'{column}_base'].tolist())}, {method} "
-                f"{mean_sd(pairs[f'{column}_m'].tolist())}; paired reduction {mean_diff:+.3f} ({len(diffs)} pairs)")
-    if base_mean <= margin:
-        verdict = "not measured"
-    elif min(diffs) > 0 and mean_diff > margin:
-        verdict = "supported"
-    elif mean_diff <= 0:
-        verdict = "not supported"
-    else:
-        verdict = "mixed"
-    return claim(text, measured, verdict, evidence)
+    base, other = pairs[f"{column}_base"], pairs[f"{column}_m"]
+    decided = stats.verdict((other - base).tolist(), direction="decrease", rule="every_pair", minimum=margin,
+                            floor=margin, baseline=base.tolist())
+    measured = (f"{column}: {baseline} {mean_sd(base.tolist())}, {method} {mean_sd(other.tolist())}; "
+                f"paired reduction {decided.effect:+.3f} ({decided.n_seeds} pairs)")
+    return claim(text, measured, decided.verdict, evidence)
 
 
 def write_summary(out: str | Path, notebook: str, *, profile: str, seeds: Sequence[int], claims: List[dict],
@@ -90,10 +83,9 @@ def write_report(artifacts: str | Path, out: Optional[str | Path] = None, title:
     lines = [f"# {title}", "",
              "Every number below was produced by the notebooks in this run; profile, seeds and hardware are "
              "given per notebook. A claim the runs do not support is marked so.", "",
-             "## Claims", "", "| notebook | claim | measured | verdict |", "|---|---|---|---|"]
-    for s in summaries:
-        for c in s["claims"]:
-            lines.append(f"| {s['notebook']} | {c['claim']} | {c['measured']} | **{c['verdict']}** |")
+             "## Claims", "",
+             claims_table([c for s in summaries for c in s["claims"]],
+                          notebooks=[s["notebook"] for s in summaries for _ in s["claims"]])]
     for s in summaries:
         rel = s["_dir"].relative_to(out.parent) if out.parent in s["_dir"].parents or s["_dir"] == out.parent \
             else s["_dir"]

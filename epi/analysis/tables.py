@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from epi.metrics import mean_sd
+from .metrics import mean_sd
 
 MISSING = "–"  # a cell with no value to show (a method not run, a statistic with no finite values)
 
