@@ -245,6 +245,22 @@ def test_drift_summary_skips_missing_first_refresh_values():
         M.drift_summary([])
 
 
+def test_drift_over_scopes_averages_each_keys_last_jaccard_to_its_first_mask():
+    def entry(key, prev, first, churn):
+        return {"step": 0, "scope_key": key, "protected_fraction": 0.1, "jaccard_prev": prev, "jaccard_first": first,
+                "churn": churn, "released_fraction": None}
+    history = [entry("math", None, 1.0, None), entry("code", None, 1.0, None),
+               entry("math", 0.6, 0.6, 0.4), entry("code", 0.8, 0.3, 0.2)]
+    s = M.drift_over_scopes(history)
+    assert s["jaccard_first_final"] == pytest.approx((0.6 + 0.3) / 2)   # not 0.3, the last entry alone
+    assert M.drift_summary(history)["jaccard_first_final"] == pytest.approx(0.3)  # what pooling would say
+    assert s["jaccard_prev_mean"] == pytest.approx(0.7) and s["churn_mean"] == pytest.approx(0.3)
+    assert math.isnan(s["released_fraction_mean"])
+    # a lean engine keeps no first mask, and a run may end before its first refresh: nan, not an error
+    assert math.isnan(M.drift_over_scopes([entry("g", 0.5, None, 0.1)])["jaccard_first_final"])
+    assert all(math.isnan(v) for v in M.drift_over_scopes([]).values())
+
+
 # ---------------------------------------------------------------- gradient conflict
 
 def _grads(*vectors):

@@ -30,7 +30,7 @@ __all__ = [
     "final_scores", "average_score", "normalized_scores", "average_normalized_score",
     "forgetting_per_task", "average_forgetting", "backward_transfer", "backward_transfer_gem_code",
     "forward_transfer", "forgetting_rate", "seesaw", "table2", "mean_of_last", "summarize_seeds", "mean_sd",
-    "jaccard", "churn", "released_fraction", "spearman", "drift_summary",
+    "jaccard", "churn", "released_fraction", "spearman", "drift_summary", "drift_over_scopes",
     "task_gradients", "conflict_scores", "conflict_score_per_task", "trainable_parameter_names",
 ]
 
@@ -328,3 +328,21 @@ def drift_summary(history: Sequence[Mapping[str, Any]], scope: str | None = None
         "spearman_prev_mean": stat("spearman_prev", "mean"), "spearman_prev_last": stat("spearman_prev", "last"),
         "per_layer_final": dict(last.get("per_layer") or {}),
     }
+
+
+def drift_over_scopes(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Return drift statistics of an engine history pooled over its scope keys (one key in global scope).
+
+    ``jaccard_prev_mean``, ``churn_mean`` and ``released_fraction_mean`` average every refresh entry of every
+    key (as :func:`drift_summary` without ``scope``); ``jaccard_first_final`` is the mean over keys of each
+    key's last Jaccard to its own first mask, so per-task scope is not read as the last task's value alone.
+    A statistic with no values, or an empty history (no refresh yet), is nan.
+    """
+    names = ("jaccard_prev_mean", "churn_mean", "released_fraction_mean", "jaccard_first_final")
+    if not history:
+        return dict.fromkeys(names, math.nan)
+    pooled = drift_summary(history)
+    finals = [drift_summary(history, scope=k)["jaccard_first_final"]
+              for k in dict.fromkeys(h.get("scope_key") for h in history)]
+    finals = [v for v in finals if not math.isnan(v)]
+    return {**{k: pooled[k] for k in names[:3]}, "jaccard_first_final": float(np.mean(finals)) if finals else math.nan}
