@@ -153,3 +153,26 @@ def test_setup_notebook_puts_the_resolved_profile_in_the_output_folder(tmp_path)
     info = setup_notebook(0, str(tmp_path / "{profile}" / "01_x"), "smoke")
     assert info["profile"] == "smoke" and info["out"] == tmp_path / "smoke" / "01_x"
     assert (tmp_path / "smoke" / "01_x" / "figures").is_dir()
+
+
+def helpers_defined_twice(notebooks: dict) -> dict:
+    """Return {name: [notebooks]} for every function or class that more than one notebook defines at the top
+    of a code cell (`def name` / `class name`): such a helper belongs in the library, defined once."""
+    defined = {}
+    for name, nb in notebooks.items():
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                for helper in re.findall(r"^(?:def|class) (\w+)", source(cell), re.M):
+                    defined.setdefault(helper, set()).add(name)
+    return {h: sorted(names) for h, names in defined.items() if len(names) > 1}
+
+
+def test_no_notebook_defines_a_helper_another_notebook_defines():
+    shared = helpers_defined_twice({p.stem: load(p) for p in NOTEBOOKS})
+    assert not shared, f"helpers defined in more than one notebook (move them into epi once): {shared}"
+    # negative control: the check sees a helper two notebooks share, and not one defined twice in one notebook
+    code = lambda text: {"cell_type": "code", "source": [text]}  # noqa: E731
+    fake = {"a": {"cells": [code("x = 1\ndef markdown(df):\n    pass\n"), code("def only_a():\n    pass")]},
+            "b": {"cells": [code("def markdown(df, digits=3):\n    pass"), code("def only_b(): pass\ndef only_b(): pass"),
+                            {"cell_type": "markdown", "source": ["def only_a(): prose, not code"]}]}}
+    assert helpers_defined_twice(fake) == {"markdown": ["a", "b"]}
