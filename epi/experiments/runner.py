@@ -2,17 +2,15 @@
 
   python -m epi run --method epi --profile cpu --seed 0 --out artifacts/runs
 
-Every method runs on the same loop, data order, seeds and kernels; only the method object differs.
-A run interrupted and restarted with the same command resumes from its last checkpoint.
+This module owns the run folders around a `Run` (epi.experiments.run): the output folder, the lock, reuse of
+a finished run with the same settings, a fresh start, grids and the single-task references. A run
+interrupted and restarted with the same command resumes from its last checkpoint.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import math
 import os
-import platform
 import socket
 import time
 from contextlib import contextmanager
@@ -21,10 +19,13 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from ..engine.config import EPIConfig
-from ..engine.core import CURRENT_TASK, EvolvingIsolation, isolatable
 from ..jsonio import write_json
+from ..methods.base import RunRefused
 from .profiles import NOT_SETTINGS, ExperimentConfig
+from .run import Run, differing_settings, environment, peak_memory_mb
+
+__all__ = ["Run", "RunRefused", "differing_settings", "check_same_settings", "output_folder", "run_lock", "discard",
+           "finished_record", "run_experiment", "run_grid", "run_references"]
 
 log = logging.getLogger(__name__)
 
@@ -34,314 +35,6 @@ except ImportError:  # pragma: no cover - Windows: run folders are not locked
     fcntl = None
 
 LOCK = "run.lock"
-
-# A run's data order: stage k's balanced schedule is shuffled with seed * STAGE_SEED_STRIDE + k and its replay
-# draws with seed * STAGE_SEED_STRIDE + REPLAY_SEED_OFFSET + k, so stages, replay and seeds never share a stream
-# (for up to REPLAY_SEED_OFFSET stages); the tiny-base build has its own (epi.experiments.base_build).
-STAGE_SEED_STRIDE = 1000
-REPLAY_SEED_OFFSET = 500
-
-
-class RunRefused(ValueError):
-    """The runner will not start (or reuse) a run as asked; the message says why and what to do."""
-
-
-def environment() -> dict:
-    """Return library versions and hardware of this process (for the results record)."""
-    import numpy
-    import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": numpy.__version__, "platform": platform.platform(), "processor": platform.processor(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "threads": torch.get_num_threads()}
-
-
-def peak_memory_mb() -> float:
-    import resource
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class Run:
-    """One experiment in progress: model, data, optimizer, engine, method, evaluations."""
-
-    def __init__(self, config: ExperimentConfig, out: Path, say: Callable[[str], None] = log.info):
-        from ..methods.registry import make_method
-        from ..training.device import resolve_device, resolve_precision
-        self.config, self.out, self.say = config, Path(out), say
-        self.device = resolve_device(config.device)
-        self.precision = resolve_precision(config.precision, self.device)
-        self.method = make_method(config.method, config.protocol)
-        self.engine: Optional[EvolvingIsolation] = None
-        self._base_folder: Optional[Path] = None
-
-    # ---- model and data ----------------------------------------------------------------------------
-    def load_start(self):
-        from ..models import load_model
-        cfg = self.config
-        if cfg.model == "tiny-base":
-            from .base_build import ensure_base
-            self._base_folder = ensure_base(cfg)
-            return load_model(str(self._base_folder))
-        if cfg.model.lower() in ("tiny", "smollm2-135m", "smollm2"):
-            return load_model(cfg.model, seed=cfg.seed)
-        # hub checkpoints may be stored in bf16: train fp32 weights (autocast supplies the low precision)
-        return load_model(cfg.model, seed=cfg.seed, dtype=torch.float32)
-
-    def base_importance(self, scope: str) -> Dict[str, Dict[str, torch.Tensor]]:
-        """Return the base phase's tracked importance for `scope` ({} when the start model has none)."""
-        if self._base_folder is None:
-            return {}
-        from ..models.base_cache import load_base_importance
-        imp = load_base_importance(self._base_folder)
-        if scope == "global":
-            return {"global": imp["global"]}
-        return {k: v for k, v in imp.items() if k != "global" and k in self.config.tasks}
-
-    def epi_config(self, **changes) -> EPIConfig:
-        return self.config.epi_config(**changes)
-
-    def random_ratio(self) -> float:
-        """Return the random control's protected share: given, or matched to `random_match`'s run."""
-        cfg = self.config
-        if cfg.random_ratio is not None:
-            return cfg.random_ratio
-        match = self.out.parent / cfg.run_name.replace(f"-{cfg.method}-", f"-{cfg.random_match}-") / "results.json"
-        if not match.exists():
-            raise RunRefused(f"method 'random' needs random_ratio or a finished {cfg.random_match!r} run with the "
-                             f"same protocol and seed in the same folder ({match} is missing); run it first")
-        return float(json.loads(match.read_text())["protected_fraction_mean"])
-
-    def start_isolatable(self) -> List[torch.Tensor]:
-        return [p.detach().clone() for p in self.iso_params]
-
-    @torch.no_grad()
-    def load_isolatable(self, tensors: List[torch.Tensor]) -> None:
-        for p, t in zip(self.iso_params, tensors):
-            p.copy_(t)
-
-    def probe(self, tasks: List[str], steps: int):
-        """Return ({task: [Δθ]}, {task: [θ_probe]}): short single-task fine-tunes from the start weights
-        (CPI-FT Stage 1), on the isolatable tensors, each with a fresh optimizer."""
-        from ..training.data import StepData
-        from ..training.device import make_scaler
-        from ..training.loop import TrainConfig, make_optimizer, train_steps
-        cfg = self.config
-        start = self.start_isolatable()
-        deltas, probes = {}, {}
-        for t in tasks:
-            model = copy.deepcopy(self.model)
-            opt = make_optimizer(model, TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
-            train_steps(model, opt, StepData(self.batchers, [t] * steps), steps=steps, clip=cfg.clip,
-                        desc=f"probe {t}", scaler=make_scaler(self.precision, self.device))
-            params = [p for _, p in isolatable(model, EPIConfig())]
-            probes[t] = [p.detach().clone() for p in params]
-            deltas[t] = [p - s for p, s in zip(probes[t], start)]
-        return deltas, probes
-
-    def evaluate(self) -> Dict[str, dict]:
-        from ..tasks import evaluate
-        return evaluate(self.model, self.tokenizer, self.eval_sets)
-
-    def evaluate_start(self) -> Dict[str, dict]:
-        """Return the start model's scores, cached on disk by (weights, eval sets, threads, device): every run
-        of a grid that starts from the same model would otherwise repeat the same greedy evaluation."""
-        import hashlib
-
-        from ..models import cache_root
-        from .general import fingerprint
-        where = [fingerprint(self.model), torch.get_num_threads(), self.eval_sets]
-        if self.device.type != "cpu":  # GPU kernels round differently; CPU keys stay as they were
-            where.append(self.device.type)
-        key = hashlib.sha1(json.dumps(where, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        path = cache_root() / "start_scores" / f"{key}.json"
-        if path.is_file():
-            try:
-                cached = json.loads(path.read_text())
-                if isinstance(cached, dict) and set(cached) == set(self.eval_sets) \
-                        and all(isinstance(v, dict) and "score" in v for v in cached.values()):
-                    return cached
-                reason = "does not hold the scores of these evaluation sets"
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                reason = f"is not valid JSON ({e})"
-            aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-            try:
-                os.replace(path, aside)
-            except FileNotFoundError:  # a parallel run moved it first
-                pass
-            self.say(f"start-score cache {path} {reason}: moved aside to {aside.name}; rebuilt from a fresh evaluation")
-        scores = self.evaluate()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, scores, indent=None)  # atomic: parallel runs may write the same entry
-        return scores
-
-    def resume_point(self) -> Optional[dict]:
-        """Return the checkpoint of this run's interrupted earlier attempt (None when there is none), read
-        safely (epi.training.checkpoints.read_checkpoint); refuse one that was made with other settings."""
-        from ..training.checkpoints import CheckpointError, read_checkpoint
-        path = self.out / "checkpoint.pt"
-        if not path.exists():
-            return None
-        blob = read_checkpoint(path)
-        record = blob["extra"].get("record") if isinstance(blob["extra"], dict) else None
-        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-            raise CheckpointError(f"checkpoint {path} holds no run record (not written by epi.experiments.runner); "
-                                  "delete it (or rerun with --fresh) to start the run over")
-        differ = differing_settings(record["config"], self.config, record.get("precision"))
-        if differ:
-            raise RunRefused(f"{self.config.run_name}: {path} is an interrupted run with other settings ({differ}); "
-                             "rerun with its settings to resume it, or with --fresh to discard it and start over")
-        return blob
-
-    # ---- the run -----------------------------------------------------------------------------------
-    def execute(self) -> dict:
-        from ..training.checkpoints import load_checkpoint, save_checkpoint
-        from ..training.data import StepData, balanced_schedule, eval_records, make_batchers, with_replay
-        from ..training.device import autocast_training_forward, make_scaler
-        from ..training.loop import LoopState, TrainConfig, make_optimizer, seed_everything, train_steps
-        cfg = self.config
-        t0 = time.time()
-        ckpt = self.resume_point()
-        torch.set_num_threads(cfg.threads)
-        seed_everything(cfg.seed)
-        self.model, self.tokenizer = self.load_start()
-        self.model.to(self.device)  # once, before the engine, optimizer and probes see the parameters
-        if cfg.freeze_embeddings:  # for every method alike; a tied LM head is the same tensor
-            self.model.get_input_embeddings().weight.requires_grad_(False)
-        if self.precision != "fp32":
-            autocast_training_forward(self.model, self.precision)
-        scaler = make_scaler(self.precision, self.device)
-        self.iso_params = [p for _, p in isolatable(self.model, EPIConfig())]
-        all_tasks = list(dict.fromkeys(cfg.tasks))
-        self.eval_sets = {t: eval_records(t, cfg.eval_records, cfg.difficulty, cfg.data_source) for t in all_tasks}
-        self.batchers = make_batchers(self.tokenizer, all_tasks, n=cfg.train_records, seed=cfg.seed,
-                                      batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                      difficulty=cfg.difficulty, source=cfg.data_source)
-        ckpt_path = self.out / "checkpoint.pt"
-        if ckpt is not None:
-            self.method.load_state_dict(ckpt["extra"]["method"])
-        record = ckpt["extra"]["record"] if ckpt is not None else None
-        self.general = None
-        if cfg.general_eval:  # general ability: response loss on general pairs + next-token KL to the start model
-            from .general import GeneralProbe
-            self.general = GeneralProbe(self.model, self.tokenizer, max_length=cfg.max_length)
-        if record is None:
-            self.base_eval = self.evaluate_start()
-        else:
-            self.base_eval = record["base_scores"]
-        engine_cfg = self.method.engine_config(self)
-        if engine_cfg is None and cfg.monitor:  # drift under plain training: same engine, nothing protected
-            engine_cfg = self.epi_config(isolate=False)
-            self.engine = EvolvingIsolation(self.model, engine_cfg)
-            self.engine.seed_importance(self.base_importance("global"))
-        elif engine_cfg is not None:
-            self.engine = EvolvingIsolation(self.model, engine_cfg)
-        self.method.prepare(self)
-        self.stage_list = self.method.stages(self)
-        opt = make_optimizer(self.model, TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
-        if self.engine is not None:
-            self.engine.attach(opt)
-        if record is None:
-            record = {"config": cfg.to_dict(), "seed": cfg.seed, "environment": environment(),
-                      "device": str(self.device), "precision": self.precision,
-                      "stages": self.stage_list, "base_scores": self.base_eval, "stage_scores": [],
-                      "evals": [], "losses": [], "loss_tasks": [], "protected_fraction": [],
-                      "cpift": None, "general": [self.general.measure(self.model)] if self.general else []}
-        # the global step schedule: stages back to back, replay folded in
-        schedule, bounds = [], []
-        for k, tasks in enumerate(self.stage_list):
-            stream = cfg.seed * STAGE_SEED_STRIDE + k
-            part = balanced_schedule(tasks, cfg.steps_per_task, seed=stream)
-            part = with_replay(part, self.method.replay_tasks(self, k), cfg.replay_fraction,
-                               seed=stream + REPLAY_SEED_OFFSET)
-            bounds.append((len(schedule), len(schedule) + len(part)))
-            schedule += part
-        data = StepData(self.batchers, schedule)
-        state = LoopState()
-        if ckpt is not None:
-            state, _ = load_checkpoint(ckpt, model=self.model, optimizer=opt, engine=self.engine,
-                                       scaler=scaler)
-            self.say(f"resumed {cfg.run_name} at step {state.step}/{len(schedule)}")
-        plugins = self.method.plugins(self)
-        self._snapped, self._snapshots = 0, {}
-        last_stage = len(self.stage_list) - 1
-        for k, (lo, hi) in enumerate(bounds):
-            if state.step >= hi:
-                continue
-            if state.step <= lo or self.engine is not None:
-                self.method.stage_start(self, k, self.stage_list[k])
-                if ckpt is not None and self.engine is not None and state.step > lo:
-                    self.engine.load_state_dict(ckpt["engine"])  # keep the resumed engine state
-
-            def after(st, k=k, lo=lo, hi=hi):
-                if cfg.snapshots and self.engine is not None and len(self.engine.history) > self._snapped:
-                    self.snapshot()
-                if self.engine is not None and self.engine.sets and self.engine.config.isolate:
-                    record["protected_fraction"].append(self.engine.protected_fraction(
-                        None if self.engine.config.scope == "per_task" else CURRENT_TASK))
-                # the last stage is scored as the mean of its last `eval_last` evaluations, eval_every apart
-                if k == last_stage and cfg.eval_every and st.step < hi and (hi - st.step) % cfg.eval_every == 0 \
-                        and (hi - st.step) // cfg.eval_every < cfg.eval_last and st.step > lo:
-                    record["evals"].append({"step": st.step, "scores": self.evaluate()})
-                if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < len(schedule):
-                    record["losses"], record["loss_tasks"] = st.losses, st.tasks
-                    save_checkpoint(ckpt_path, model=self.model, optimizer=opt, state=st, engine=self.engine,
-                                    extra={"method": self.method.state_dict(), "record": record}, scaler=scaler)
-            state = train_steps(self.model, opt, data, steps=hi, state=state, engine=self.engine, plugins=plugins,
-                                clip=cfg.clip, callback=after, desc=f"stage {k + 1}/{len(self.stage_list)}",
-                                scaler=scaler)
-            self.method.stage_end(self, k, self.stage_list[k])
-            scores = self.evaluate()
-            record["stage_scores"].append(scores)
-            if self.general is not None:
-                record["general"].append(self.general.measure(self.model))
-            if k == last_stage:
-                record["evals"].append({"step": state.step, "scores": scores})
-            self.say(f"stage {k + 1}/{len(self.stage_list)} {'+'.join(self.stage_list[k])}: "
-                     + " ".join(f"{t}={s['score']:.2f}" for t, s in scores.items()))
-        record["losses"], record["loss_tasks"] = state.losses, state.tasks
-        if scaler is not None:
-            record["skipped_steps"] = state.skipped  # fp16 overflow steps the optimizer and engine skipped
-        return self.finish(record, t0)
-
-    @torch.no_grad()
-    def snapshot(self) -> None:
-        """Keep the masks (bit-packed) and an importance sample of the refreshes logged since the last call."""
-        import numpy as np
-        eng = self.engine
-        for entry in eng.history[self._snapped:]:
-            key, step = entry["scope_key"], entry["step"]
-            for name, m in zip(eng.names, eng._bools(eng.sets[key])):
-                self._snapshots[f"mask/{step}/{key}/{name}"] = np.packbits(m.cpu().numpy().reshape(-1))
-            self._snapshots[f"sample/{step}/{key}"] = eng._sample_prev[key].numpy()
-        self._snapped = len(eng.history)
-
-    def finish(self, record: dict, t0: float) -> dict:
-        cfg = self.config
-        if cfg.snapshots and self._snapshots:
-            import numpy as np
-            np.savez_compressed(self.out / "snapshots.npz", **self._snapshots)
-            record["snapshots"] = "snapshots.npz"
-            record["param_shapes"] = {n: list(p.shape) for n, p in zip(self.engine.names, self.engine.params)}
-        last = record["evals"][-cfg.eval_last:]
-        record["final_scores"] = {t: sum(e["scores"][t]["score"] for e in last) / len(last) for t in cfg.tasks}
-        record["final_losses"] = {t: record["stage_scores"][-1][t]["loss"] for t in cfg.tasks}
-        diverged = sum(not math.isfinite(x) for x in record["losses"])
-        if diverged:  # results.json writes them as null (epi.jsonio): say so rather than leave it to be found
-            record["nonfinite_losses"] = diverged
-            self.say(f"warning: {cfg.run_name}: {diverged} of {len(record['losses'])} training losses are not finite "
-                     f"(training diverged at lr={cfg.lr}); they are written as null")
-        pf = record["protected_fraction"]
-        record["protected_fraction_mean"] = sum(pf) / len(pf) if pf else 0.0
-        record["drift"] = self.engine.history if self.engine is not None else []
-        record["mask_digest"] = self.engine.mask_digest() if self.engine is not None else None
-        record["engine_memory"] = self.engine.memory_bytes() if self.engine is not None else None
-        if hasattr(self.method, "groups") and getattr(self.method, "groups"):
-            record["cpift"] = {"groups": self.method.groups, "similarity": self.method.similarity}
-        record["wall_s"] = round(time.time() - t0, 1)
-        record["peak_memory_mb"] = round(peak_memory_mb(), 1)
-        return record
 
 
 def output_folder(out_root: str | Path) -> Path:
@@ -460,8 +153,7 @@ def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable
             say(f"{config.run_name}: already finished ({out / 'results.json'})")
             return record
         run = Run(config, out, say)
-        if config.method == "random":
-            run.random_ratio()  # fail before training when the matched run is missing
+        run.method.check(config, out)  # e.g. random's matched run: refuse before training
         if config.protocol == "reference":
             record = run_references(config, out, say)
         else:
@@ -469,23 +161,6 @@ def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable
         write_json(out / "results.json", record)
         (out / "checkpoint.pt").unlink(missing_ok=True)
     return record
-
-
-def differing_settings(stored: dict, config: ExperimentConfig, stored_precision: Optional[str] = None) -> str:
-    """Return "k=stored vs current, ..." for the settings in which a stored run's config differs from
-    `config` ("" when none; a field the stored config lacks predates that field and counts as its default).
-
-    The precision is compared as resolved: the record's own "precision" (`stored_precision`) against what
-    `config` resolves to here, so "auto" on CPU (fp32) equals a record made before the setting existed,
-    and real_cpu's precision="bf16" equals its old records' bf16_autocast=True."""
-    from ..training.device import record_precision, resolve_device, resolve_precision
-    defaults = ExperimentConfig().to_dict()
-    current = config.to_dict()
-    stored = {**stored, "precision": record_precision(stored, stored_precision)}
-    current["precision"] = resolve_precision(config.precision, resolve_device(config.device))
-    differ = [k for k, v in current.items() if k not in NOT_SETTINGS
-              and stored.get(k, defaults.get(k, v)) != (list(v) if isinstance(v, tuple) else v)]
-    return ", ".join(f"{k}={stored.get(k, defaults.get(k))!r} vs {current[k]!r}" for k in differ)
 
 
 def check_same_settings(stored: dict, config: ExperimentConfig, stored_precision: Optional[str] = None) -> None:

@@ -11,12 +11,12 @@ class EPI(Method):
     name = "epi"
     scope = "global"
 
-    def engine_config(self, run):
-        return run.epi_config(scope=self.scope)
+    def engine_config(self, ctx):
+        return ctx.epi_config(scope=self.scope)
 
-    def prepare(self, run):
-        if run.config.score == "fisher":  # the base phase tracked g²; another score starts from zero
-            run.engine.seed_importance(run.base_importance(self.scope))
+    def prepare(self, ctx):
+        if ctx.config.score == "fisher":  # the base phase tracked g²; another score starts from zero
+            ctx.engine.seed_importance(ctx.base_importance(self.scope))
 
 
 class EPIPerTask(EPI):

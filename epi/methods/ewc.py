@@ -52,26 +52,26 @@ class EWC(Method):
         self.tracker: Optional[ImportanceTracker] = None
         self._restored: Optional[dict] = None
 
-    def prepare(self, run):
-        named = isolatable(run.model, EPIConfig())
+    def prepare(self, ctx):
+        named = isolatable(ctx.model, EPIConfig())
         params = [p for _, p in named]
-        self.plugin = EWCPlugin(params, run.config.ewc_lambda)
-        self.tracker = ImportanceTracker(params, EPIConfig(score="fisher", beta=run.config.beta))
+        self.plugin = EWCPlugin(params, ctx.config.ewc_lambda)
+        self.tracker = ImportanceTracker(params, EPIConfig(score="fisher", beta=ctx.config.beta))
         if self._restored is not None:  # resuming: Ω, anchor and the stage's Fisher from the checkpoint
             self.plugin.omega, self.plugin.anchor = (
                 None if self._restored[k] is None else [t.to(p.device) for t, p in zip(self._restored[k], params)]
                 for k in ("omega", "anchor"))
             self.tracker.load_state_dict(self._restored["tracker"])
         else:
-            base = run.base_importance("global").get("global")
+            base = ctx.base_importance("global").get("global")
             if base is not None:  # no tracked base importance (e.g. a hub model): the first stage sets Ω
                 self.plugin.consolidate([base[n] for n, _ in named])
 
-    def plugins(self, run):
+    def plugins(self, ctx):
         # tracking first: the stage's Fisher sees the task-loss gradient, before the penalty is added
         return [TrackImportance(self.tracker), self.plugin]
 
-    def stage_end(self, run, k, tasks):
+    def stage_end(self, ctx, k, tasks):
         if "global" in self.tracker.buffers:
             self.plugin.consolidate(self.tracker.buffers["global"])
             self.tracker.buffers.clear()

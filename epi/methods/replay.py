@@ -10,9 +10,9 @@ class Replay(Method):
     In the one-stage mix there is nothing earlier, so it equals full_sft (shown, not hidden)."""
     name = "replay"
 
-    def replay_tasks(self, run, k):
-        cfg = run.config
-        earlier = [t for g in run.stage_list[:k] for t in g]
+    def replay_tasks(self, ctx, k):
+        cfg = ctx.config
+        earlier = [t for g in ctx.stage_list[:k] for t in g]
         if cfg.protocol == "forgetting":
             earlier += [t for t in cfg.tasks if t not in cfg.train_tasks]
         return earlier

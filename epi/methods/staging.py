@@ -17,8 +17,8 @@ class Sequential(Method):
     name = "sequential"
     mix_only = True
 
-    def stages(self, run):
-        return [[t] for t in run.config.tasks]
+    def stages(self, ctx):
+        return [[t] for t in ctx.config.tasks]
 
 
 class MultiStage(Method):
@@ -27,10 +27,10 @@ class MultiStage(Method):
     name = "multi_stage"
     mix_only = True
 
-    def stages(self, run):
-        tasks = list(run.config.tasks)
-        random.Random(run.config.seed).shuffle(tasks)
-        return [g for g in (tasks[i::run.config.stages_k] for i in range(run.config.stages_k)) if g]
+    def stages(self, ctx):
+        tasks = list(ctx.config.tasks)
+        random.Random(ctx.config.seed).shuffle(tasks)
+        return [g for g in (tasks[i::ctx.config.stages_k] for i in range(ctx.config.stages_k)) if g]
 
 
 class MultiStageHeuristic(Method):
@@ -40,9 +40,9 @@ class MultiStageHeuristic(Method):
     name = "multi_stage_heuristic"
     mix_only = True
 
-    def stages(self, run):
-        losses = run.base_eval
-        tasks = sorted(run.config.tasks, key=lambda t: -losses[t]["loss"])
-        k = run.config.stages_k
+    def stages(self, ctx):
+        losses = ctx.base_scores
+        tasks = sorted(ctx.config.tasks, key=lambda t: -losses[t]["loss"])
+        k = ctx.config.stages_k
         size = -(-len(tasks) // k)
         return [tasks[i:i + size] for i in range(0, len(tasks), size)]

@@ -27,38 +27,42 @@ class Static(Method):
         self.groups: List[List[str]] = []
         self.similarity: List[List[float]] = []
 
-    def engine_config(self, run):
-        return run.epi_config(refresh_every=None)
+    def engine_config(self, ctx):
+        return ctx.epi_config(refresh_every=None)
 
-    def prepare(self, run):
-        cfg = run.config
+    def prepare(self, ctx):
+        cfg = ctx.config
         probe_tasks = list(cfg.tasks)
         if not self.cores:
-            deltas, probes = run.probe(probe_tasks, cfg.probe_steps)
+            deltas, probes = ctx.probe(probe_tasks, cfg.probe_steps)
             self.cores = cpift.core_regions(deltas, cfg.ratio)
             self.similarity = cpift.core_similarity(self.cores)
             groups = cpift.group_tasks(probe_tasks, self.similarity, cfg.group_tau)
             random.Random(cfg.seed).shuffle(groups)  # CPI-FT mainly evaluates random group order
             self.groups = groups
             if cfg.protocol == "mix":
-                run.load_isolatable(cpift.fuse(run.start_isolatable(), probes, self.cores, cfg.slerp_weight))
+                ctx.load_isolatable(cpift.fuse(ctx.start_isolatable(), probes, self.cores, cfg.slerp_weight))
 
-    def stages(self, run):
-        return self.groups if run.config.protocol == "mix" else super().stages(run)
+    def stages(self, ctx):
+        return self.groups if ctx.config.protocol == "mix" else super().stages(ctx)
 
-    def stage_start(self, run, k, tasks):
-        cfg = run.config
+    def stage_start(self, ctx, k, tasks):
+        cfg = ctx.config
         if cfg.protocol == "mix":
             frozen = [t for g in self.groups[:k] for t in g]
         elif cfg.protocol == "forgetting":
             frozen = [t for t in cfg.tasks if t not in cfg.train_tasks]
         else:
-            frozen = [t for g in run.stage_list[:k] for t in g]
-        masks = [torch.zeros_like(p, dtype=torch.bool) for p in run.engine.params]
+            frozen = [t for g in ctx.stage_list[:k] for t in g]
+        masks = [torch.zeros_like(p, dtype=torch.bool) for p in ctx.engine.params]
         for t in frozen:
             for m, c in zip(masks, self.cores[t]):
                 m |= c.to(m.device)  # cores restored from a checkpoint come back on the CPU
-        run.engine.set_masks(masks)
+        ctx.engine.set_masks(masks)
+
+    def record_extra(self):
+        """Return CPI-FT's groups and core similarity for the record ({} before the pipeline ran)."""
+        return {"cpift": {"groups": self.groups, "similarity": self.similarity}} if self.groups else {}
 
     def state_dict(self):
         return {"cores": self.cores, "groups": self.groups, "similarity": self.similarity}
