@@ -51,6 +51,40 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def load_start(config: ExperimentConfig):
+    """Return (model, tokenizer, tiny-base folder or None) of the start model named by config.model; the
+    tiny-base is built and cached on first use (epi.experiments.base_build)."""
+    from ..models import load_model
+    if config.model == "tiny-base":
+        from .base_build import ensure_base
+        folder = ensure_base(config)
+        return (*load_model(str(folder)), folder)
+    if config.model.lower() in ("tiny", "smollm2-135m", "smollm2"):
+        return (*load_model(config.model, seed=config.seed), None)
+    # hub checkpoints may be stored in bf16: train fp32 weights (autocast supplies the low precision)
+    return (*load_model(config.model, seed=config.seed, dtype=torch.float32), None)
+
+
+def probe_fine_tunes(model: torch.nn.Module, batchers: Dict[str, object], config: ExperimentConfig,
+                     tasks: List[str], steps: int, *, precision: str = "fp32", device=None):
+    """Return ({task: [Δθ]}, {task: [θ_probe]}): short single-task fine-tunes of copies of `model` (CPI-FT
+    Stage 1), on the isolatable tensors, each with a fresh optimizer; `model` itself is not changed."""
+    from ..training.data import StepData
+    from ..training.device import make_scaler
+    from ..training.loop import TrainConfig, make_optimizer, train_steps
+    device = device if device is not None else next(model.parameters()).device
+    start = [p.detach().clone() for _, p in isolatable(model, EPIConfig())]
+    deltas, probes = {}, {}
+    for t in tasks:
+        copy_ = copy.deepcopy(model)
+        opt = make_optimizer(copy_, TrainConfig(lr=config.lr, weight_decay=config.weight_decay))
+        train_steps(copy_, opt, StepData(batchers, [t] * steps), steps=steps, clip=config.clip,
+                    desc=f"probe {t}", scaler=make_scaler(precision, device))
+        probes[t] = [p.detach().clone() for _, p in isolatable(copy_, EPIConfig())]
+        deltas[t] = [p - s for p, s in zip(probes[t], start)]
+    return deltas, probes
+
+
 class Run:
     """One experiment in progress: model, data, optimizer, engine, method, evaluations.
 
@@ -87,17 +121,9 @@ class Run:
 
     # ---- model and data ----------------------------------------------------------------------------
     def load_start(self):
-        """Return (model, tokenizer) of the start model named by config.model."""
-        from ..models import load_model
-        cfg = self.config
-        if cfg.model == "tiny-base":
-            from .base_build import ensure_base
-            self._base_folder = ensure_base(cfg)
-            return load_model(str(self._base_folder))
-        if cfg.model.lower() in ("tiny", "smollm2-135m", "smollm2"):
-            return load_model(cfg.model, seed=cfg.seed)
-        # hub checkpoints may be stored in bf16: train fp32 weights (autocast supplies the low precision)
-        return load_model(cfg.model, seed=cfg.seed, dtype=torch.float32)
+        """Return (model, tokenizer) of the start model named by config.model (see `load_start`)."""
+        model, tokenizer, self._base_folder = load_start(self.config)
+        return model, tokenizer
 
     def base_importance(self, scope: str) -> Dict[str, Dict[str, torch.Tensor]]:
         """Return the base phase's tracked importance for `scope` ({} when the start model has none)."""
@@ -124,23 +150,9 @@ class Run:
             p.copy_(t)
 
     def probe(self, tasks: List[str], steps: int):
-        """Return ({task: [Δθ]}, {task: [θ_probe]}): short single-task fine-tunes from the start weights
-        (CPI-FT Stage 1), on the isolatable tensors, each with a fresh optimizer."""
-        from ..training.data import StepData
-        from ..training.device import make_scaler
-        from ..training.loop import TrainConfig, make_optimizer, train_steps
-        cfg = self.config
-        start = self.start_isolatable()
-        deltas, probes = {}, {}
-        for t in tasks:
-            model = copy.deepcopy(self.model)
-            opt = make_optimizer(model, TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
-            train_steps(model, opt, StepData(self.batchers, [t] * steps), steps=steps, clip=cfg.clip,
-                        desc=f"probe {t}", scaler=make_scaler(self.precision, self.device))
-            params = [p for _, p in isolatable(model, EPIConfig())]
-            probes[t] = [p.detach().clone() for p in params]
-            deltas[t] = [p - s for p, s in zip(probes[t], start)]
-        return deltas, probes
+        """Return ({task: [Δθ]}, {task: [θ_probe]}) of `probe_fine_tunes` from this run's model and data."""
+        return probe_fine_tunes(self.model, self.batchers, self.config, tasks, steps, precision=self.precision,
+                                device=self.device)
 
     def evaluate(self) -> Dict[str, dict]:
         """Return the model's scores on the evaluation sets."""

@@ -153,7 +153,7 @@ def run_experiment(config: ExperimentConfig, out_root: str | Path, say: Callable
             say(f"{config.run_name}: already finished ({out / 'results.json'})")
             return record
         run = Run(config, out, say)
-        run.method.check(config, out)  # e.g. random's matched run: refuse before training
+        run.method.check(config, out)  # e.g. a matched run the method reads: refuse before training
         if config.protocol == "reference":
             record = run_references(config, out, say)
         else:
@@ -184,6 +184,7 @@ def run_grid(configs: List[ExperimentConfig], out_root: str | Path, workers: int
 
     Base models are built first, one per seed, so parallel workers never race to build the same one.
     """
+    from ..methods.registry import METHODS
     from .base_build import ensure_base
     root = output_folder(out_root)
     names: Dict[str, dict] = {}
@@ -198,11 +199,12 @@ def run_grid(configs: List[ExperimentConfig], out_root: str | Path, workers: int
     todo = [c for c in configs if finished_record(c, root / c.run_name) is None]
     for cfg in {(c.seed, c.base_steps, c.model): c for c in todo if c.model == "tiny-base"}.values():
         ensure_base(cfg)
-    ordered = sorted(todo, key=lambda c: c.method == "random")  # matched controls after what they match
+    later = {name for name, method in METHODS.items() if method.reads_other_runs}
+    ordered = sorted(todo, key=lambda c: c.method in later)  # e.g. matched controls after what they match
     if workers > 1 and len(ordered) > 1:
         import multiprocessing as mp
-        first = [c for c in ordered if c.method != "random"]
-        rest = [c for c in ordered if c.method == "random"]
+        first = [c for c in ordered if c.method not in later]
+        rest = [c for c in ordered if c.method in later]
         with mp.get_context("spawn").Pool(workers) as pool:
             for batch in (first, rest):
                 for line in pool.imap_unordered(_grid_worker, [(c, root) for c in batch]):

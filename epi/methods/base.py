@@ -65,6 +65,7 @@ class MethodContext:
 class Method:
     name = "method"
     mix_only = False  # True: the method defines a staging of the mix; other protocols refuse it
+    reads_other_runs = False  # True: it reads other runs' results (a grid runs it after the others)
 
     def check(self, config: "ExperimentConfig", out: Path) -> None:
         """Raise (with what to do) when the run cannot start; runs before anything is built."""

@@ -12,6 +12,7 @@ class RandomMask(Method):
     (`random_match`, default epi_per_task, whose per-task unions protect more than p). Without it,
     "EPI helps" cannot be told apart from "freezing anything helps"."""
     name = "random"
+    reads_other_runs = True  # the matched share comes from the random_match run's results
 
     def check(self, config, out):
         self.matched_ratio(config, out)  # fail before training when the matched run is missing
