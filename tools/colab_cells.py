@@ -6,12 +6,12 @@
 
 Only those two cells change; everything else in the file is left as it is.
 """
-import argparse
 import importlib.util
-import json
 import re
 import sys
 from pathlib import Path
+
+import notebook_rewrite  # tools/ is on sys.path when a tool runs as a script
 
 
 def _colab_module():
@@ -49,22 +49,8 @@ def apply(nb: dict, name: str) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--check", action="store_true")
-    args = p.parse_args()
-    stale = []
-    for path in map(Path, args.paths):
-        text = path.read_text()
-        new = json.dumps(apply(json.loads(text), path.name), indent=1, ensure_ascii=False) + "\n"
-        if new != text:
-            stale.append(str(path))
-            if not args.check:
-                path.write_text(new)
-    if args.check and stale:
-        print("badge or install cell differ from epi/colab.py (run python tools/colab_cells.py):", *stale, sep="\n  ")
-        return 1
-    return 0
+    return notebook_rewrite.main(lambda nb, path: apply(nb, path.name),
+                                 "badge or install cell differ from epi/colab.py (run python tools/colab_cells.py):")
 
 
 if __name__ == "__main__":

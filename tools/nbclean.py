@@ -6,10 +6,9 @@
 Checked cells (tag `nbval-check-output`) keep their outputs and execution count, so `pytest --nbval-lax`
 can compare them; everything else is committed clean.
 """
-import argparse
-import json
 import sys
-from pathlib import Path
+
+import notebook_rewrite  # tools/ is on sys.path when a tool runs as a script
 
 CHECK = "nbval-check-output"
 
@@ -43,22 +42,7 @@ def clean(nb: dict) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--check", action="store_true")
-    args = p.parse_args()
-    changed = []
-    for path in map(Path, args.paths):
-        text = path.read_text()
-        new = json.dumps(clean(json.loads(text)), indent=1, ensure_ascii=False) + "\n"
-        if new != text:
-            changed.append(str(path))
-            if not args.check:
-                path.write_text(new)
-    if args.check and changed:
-        print("would change:", *changed, sep="\n  ")
-        return 1
-    return 0
+    return notebook_rewrite.main(lambda nb, path: clean(nb), "would change:")
 
 
 if __name__ == "__main__":
