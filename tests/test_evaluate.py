@@ -75,6 +75,15 @@ def test_memorised_answers_score_one_and_generation_stops_at_eos(memorised):
     assert evaluate(model, tok, {"instruction": wrong})["instruction"]["score"] == 0.0
 
 
+def test_per_prompt_scores_follow_record_order_and_average_to_the_score(memorised):
+    model, tok = memorised
+    mixed = [dict(r, answer="nope") if i % 2 else r for i, r in enumerate(RECORDS)]  # odd prompts wrong
+    result = evaluate(model, tok, {"instruction": mixed})["instruction"]
+    assert result["per_prompt"] == [1.0, 0.0, 1.0, 0.0]
+    assert sum(result["per_prompt"]) / len(result["per_prompt"]) == result["score"] == 0.5
+    assert evaluate(model, tok, {"instruction": []})["instruction"]["per_prompt"] == []
+
+
 def test_evaluate_restores_the_models_previous_mode(tiny):
     model, tok = tiny
     model.train()

@@ -161,7 +161,8 @@ class Run:
 
     def evaluate_start(self) -> Dict[str, dict]:
         """Return the start model's scores, cached on disk by (weights, eval sets, threads, device): every run
-        of a grid that starts from the same model would otherwise repeat the same greedy evaluation."""
+        of a grid that starts from the same model would otherwise repeat the same greedy evaluation. An entry
+        without per-prompt scores (written before they existed) is stale: it is recomputed and replaced."""
         import hashlib
 
         from ..models import cache_root
@@ -176,16 +177,23 @@ class Run:
                 cached = json.loads(path.read_text())
                 if isinstance(cached, dict) and set(cached) == set(self.eval_sets) \
                         and all(isinstance(v, dict) and "score" in v for v in cached.values()):
-                    return cached
-                reason = "does not hold the scores of these evaluation sets"
+                    if all(_has_prompt_scores(v) for v in cached.values()):
+                        return cached
+                    reason = None  # written before per-prompt scores existed: stale, not broken
+                else:
+                    reason = "does not hold the scores of these evaluation sets"
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 reason = f"is not valid JSON ({e})"
-            aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-            try:
-                os.replace(path, aside)
-            except FileNotFoundError:  # a parallel run moved it first
-                pass
-            self.say(f"start-score cache {path} {reason}: moved aside to {aside.name}; rebuilt from a fresh evaluation")
+            if reason is None:
+                self.say(f"start-score cache {path} predates per-prompt scores: recomputed and replaced")
+            else:
+                aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+                try:
+                    os.replace(path, aside)
+                except FileNotFoundError:  # a parallel run moved it first
+                    pass
+                self.say(f"start-score cache {path} {reason}: moved aside to {aside.name}; "
+                         "rebuilt from a fresh evaluation")
         scores = self.evaluate()
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, scores, indent=None)  # atomic: parallel runs may write the same entry
@@ -339,6 +347,9 @@ class Run:
             self.snapshots.save(self.out, record)
         last = record["evals"][-cfg.eval_last:]
         record["final_scores"] = {t: sum(e["scores"][t]["score"] for e in last) / len(last) for t in cfg.tasks}
+        prompts = final_prompt_scores(last, cfg.tasks)
+        if prompts is not None:  # None: a run resumed from a checkpoint made before per-prompt scores existed
+            record["final_prompt_scores"] = prompts
         record["final_losses"] = {t: record["stage_scores"][-1][t]["loss"] for t in cfg.tasks}
         diverged = sum(not math.isfinite(x) for x in record["losses"])
         if diverged:  # results.json writes them as null (epi.jsonio): say so rather than leave it to be found
@@ -354,6 +365,23 @@ class Run:
         record["wall_s"] = round(time.time() - t0, 1)
         record["peak_memory_mb"] = round(peak_memory_mb(), 1)
         return record
+
+
+def _has_prompt_scores(entry: dict) -> bool:
+    per = entry.get("per_prompt")
+    return isinstance(per, list) and len(per) == entry.get("n", len(per))
+
+
+def final_prompt_scores(evals: List[dict], tasks: List[str]) -> Optional[Dict[str, List[float]]]:
+    """Return {task: [each prompt's score averaged over `evals`]} (the final evaluations, same prompts each
+    time), or None when one of them lacks per-prompt scores; its mean per task is the run's final score."""
+    out = {}
+    for t in tasks:
+        rows = [e["scores"][t].get("per_prompt") for e in evals]
+        if not evals or any(not isinstance(r, list) or len(r) != len(rows[0]) for r in rows):
+            return None
+        out[t] = [sum(col) / len(rows) for col in zip(*rows)]
+    return out
 
 
 def differing_settings(stored: dict, config: ExperimentConfig, stored_precision: Optional[str] = None) -> str:

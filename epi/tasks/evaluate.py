@@ -202,7 +202,8 @@ def _select(records: Any, name: str, split: str | None) -> list[dict]:
 def evaluate(model: Any, tokenizer: Any, tasks: Mapping[str, Any], split: str | None = None, *,
              max_new_tokens: int | None = None, batch_size: int = 64,
              limit: int | None = None) -> dict[str, dict]:
-    """Return ``{task: {"score", "loss", "n"}}``: mean exact score in [0, 1], mean response-token loss, count.
+    """Return ``{task: {"score", "loss", "n", "per_prompt"}}``: mean exact score in [0, 1], mean response-token
+    loss, count, and each prompt's score in [0, 1] in record order (``score`` is their mean).
 
     Args:
         tasks: task name -> list of records, or task name -> {split: records} (then ``split`` picks).
@@ -220,14 +221,15 @@ def evaluate(model: Any, tokenizer: Any, tasks: Mapping[str, Any], split: str | 
     for name, value in tasks.items():
         records = _select(value, name, split)[:limit]
         if not records:
-            results[name] = {"score": float("nan"), "loss": float("nan"), "n": 0}
+            results[name] = {"score": float("nan"), "loss": float("nan"), "n": 0, "per_prompt": []}
             continue
         pairs = tokenize_records(records, tokenizer)
         budget = max(len(r) for _, r in pairs) + 8 if max_new_tokens is None else max_new_tokens
         total, count, preds = _run(model, tokenizer, pairs, budget, batch_size, f"eval {name}")
         scores = [float(score(rec.get("task") or name, pred, rec)) for rec, pred in zip(records, preds)]
         results[name] = {"score": sum(scores) / len(scores),
-                         "loss": total / count if count else float("nan"), "n": len(records)}
+                         "loss": total / count if count else float("nan"), "n": len(records),
+                         "per_prompt": scores}  # prompt order: paired across runs that share the eval set
         logger.info("eval %s: score %.3f loss %.3f n %d", name, results[name]["score"],
                     results[name]["loss"], len(records))
     return results
