@@ -53,3 +53,19 @@ def test_a_start_score_cache_entry_without_per_prompt_scores_is_recomputed(tmp_p
     run_experiment(resolve("smoke", method="full_sft", seed=0, **{**cfg, "lr": 5e-4}), tmp_path / "c",
                    say=said.append)
     assert not any("start-score cache" in m for m in said)
+
+
+def test_the_cpu_profile_evaluates_200_distinct_held_out_prompts_per_task():
+    from epi.tasks import ABILITIES
+    from epi.tasks.synthetic import DIFFICULTIES, canonical_prompt
+    from epi.training.data import eval_records, train_records
+    cpu, smoke = resolve("cpu"), resolve("smoke")
+    assert cpu.eval_records >= 200 and smoke.eval_records < 20  # smoke stays quick
+    for difficulty in DIFFICULTIES:
+        for task in ABILITIES:
+            prompts = [canonical_prompt(r) for r in eval_records(task, cpu.eval_records, difficulty)]
+            assert len(set(prompts)) == cpu.eval_records
+            trained = {canonical_prompt(r) for r in train_records(task, cpu.train_records, 0, difficulty)}
+            assert not trained & set(prompts)
+            # negative control: the check sees a shared prompt when there is one
+            assert trained & {*prompts, next(iter(trained))}
