@@ -125,7 +125,7 @@ def _base(args) -> int:
     from .experiments.base_build import build_base
     from .experiments.profiles import resolve
     from .models.base_cache import base_dir, base_meta
-    cfg = resolve(args.profile, seed=args.seed)
+    cfg = resolve(args.profile, seed=args.seed, base_seed=args.seed)  # the base of this seed, whatever the profile
     folder = base_dir(cfg)
     if not (folder / "meta.json").exists() or args.force:
         build_base(cfg)

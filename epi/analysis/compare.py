@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 MIN_REFERENCE = 0.05
 REQUIRED = ("protocol", "method", "profile", "tasks")  # config fields every row needs
+# row columns that name a run rather than measure it (never averaged in a summary table)
+ID_COLUMNS = ("protocol", "method", "variant", "seed", "base_seed", "profile", "wall_s")
 
 
 def _problem(rec) -> Optional[str]:
@@ -79,6 +81,8 @@ def run_row(rec: dict, references: Optional[Dict[str, float]] = None) -> dict:
     """Return one flat row of scores and metrics for a results record."""
     cfg = rec["config"]
     row = {"protocol": cfg["protocol"], "method": cfg["method"], "seed": rec["seed"], "profile": cfg["profile"]}
+    # the start model's seed (ExperimentConfig.start_seed): seeds that share a base form a block
+    row["base_seed"] = rec["seed"] if cfg.get("base_seed") is None else cfg["base_seed"]
     tasks = cfg["tasks"]
     final = rec["final_scores"]
     for t in tasks:
@@ -129,8 +133,7 @@ def summary_table(df: pd.DataFrame, digits: int = 2) -> str:
     parts = []
     keys = ["method", "variant"] if "variant" in df else ["method"]
     for protocol, sub in df.groupby("protocol", sort=False):
-        cols = [c for c in sub.columns if c not in ("protocol", "method", "variant", "seed", "profile", "wall_s")
-                and sub[c].notna().any()]
+        cols = [c for c in sub.columns if c not in ID_COLUMNS and sub[c].notna().any()]
         header = "| method | seeds | " + " | ".join(cols) + " |"
         lines = [f"### protocol: {protocol}", "", header, "|" + "---|" * (len(cols) + 2)]
         for key, g in sub.groupby(keys, sort=True):

@@ -1,7 +1,10 @@
 """`tiny-base`: the tiny model pre-trained on a general mix of the five abilities — the CPU stand-in for the
 paper's pretrained LLM (sequential SFT from a random init forgets everything; docs/CPU_FINDINGS.md, Q2).
 
-  python -m epi base --profile cpu --seed S     # about a minute on 2 cores; cached per seed
+  python -m epi base --profile cpu --seed S     # minutes on 2 cores (2000 steps); cached per seed
+
+A run's base is the one of its `base_seed` (`ExperimentConfig.start_seed`; None = the run's seed): the cpu
+profile sets base_seed=0, so its training seeds share one base.
 
 The cache itself (where a base lives, reading its importance) is epi.models.base_cache; the model
 factory only loads a base, this module builds one.
@@ -10,10 +13,11 @@ While pre-training, the base phase tracks the importance (EMA of g²) globally a
 isolating anything, so SFT runs can start EPI and EWC from what the base model found important.
 
 The build runs on the config's device in fp32 whatever the run's precision (the cache key holds neither:
-a base is the start model, shared by every run of a seed, and fp32 on a GPU is quick at this size).
+a base is the start model, shared by every run of a base seed, and fp32 on a GPU is quick at this size).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -40,8 +44,17 @@ log = logging.getLogger(__name__)
 BASE_SCHEDULE_SEED_OFFSET = 7919
 
 
+def base_config(cfg):
+    """Return the config the base of `cfg` is built from: `cfg` with seed = its base seed (base_seed, else seed)
+    and base_seed cleared, so that a base is keyed, seeded and named by its own seed only."""
+    if getattr(cfg, "base_seed", None) is None:
+        return cfg
+    return dataclasses.replace(cfg, seed=cfg.base_seed, base_seed=None)
+
+
 def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> Path:
     """Pre-train the tiny model on a balanced mix of all abilities and cache it; return its folder."""
+    cfg = base_config(cfg)
     out = base_dir(cfg, cache_dir)
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
@@ -85,7 +98,8 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
 
 
 def ensure_base(cfg, cache_dir: Optional[str] = None) -> Path:
-    """Return the cached base folder for this config, building it first if it is missing."""
+    """Return the cached base folder for this config's base seed, building it first if it is missing."""
+    cfg = base_config(cfg)
     out = base_dir(cfg, cache_dir)
     if not (out / "meta.json").exists():
         build_base(cfg, cache_dir)
@@ -93,8 +107,9 @@ def ensure_base(cfg, cache_dir: Optional[str] = None) -> Path:
 
 
 def load_base(seed: int = 0, profile: str = "cpu", cache_dir: Optional[str] = None, **overrides) -> Tuple:
-    """Return (model, tokenizer) of tiny-base for a seed and profile (built and cached on first use)."""
-    cfg = resolve(profile, seed=seed, **overrides)
+    """Return (model, tokenizer) of tiny-base for a seed and profile (built and cached on first use); `seed` is
+    the base's own seed (a profile's base_seed does not replace it)."""
+    cfg = resolve(profile, **{"seed": seed, "base_seed": seed, **overrides})
     return load_model(str(ensure_base(cfg, cache_dir)))
 
 

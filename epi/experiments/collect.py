@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def settings(rec: dict) -> dict:
-    """Return what a run computed with: its config without the seed and the how-settings (NOT_SETTINGS), a
+    """Return what a run computed with: its config without the seeds and the how-settings (NOT_SETTINGS), a
     field the record predates at its default, and the precision as the run resolved it."""
     defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
                 for f in fields(ExperimentConfig)}
@@ -30,7 +30,7 @@ def settings(rec: dict) -> dict:
     cfg["precision"] = rec.get("precision") or ("bf16" if old_bf16 else cfg.get("precision", "auto"))
     if cfg["precision"] == "auto":
         cfg["precision"] = "fp32"  # records without a resolved precision ran on CPU, where auto is fp32
-    for key in ("seed", *NOT_SETTINGS):
+    for key in ("seed", "base_seed", *NOT_SETTINGS):  # the base seed, like the seed, is a replicate (a block)
         cfg.pop(key, None)
     return cfg
 

@@ -105,6 +105,10 @@ class ExperimentConfig:
     random_ratio: Optional[float] = None    # random: protected share; None = match `random_match`'s realised share
     random_match: str = "epi_per_task"      # random: the method whose realised protected share is matched
     base_steps: int = 2000                  # tiny-base pre-training steps (general mix of the abilities)
+    # the seed of the tiny-base start model (epi.experiments.base_build); None = `seed`. Only the base follows it:
+    # data order, engine and evaluation stay on `seed`, so training seeds can share one cached base (a build
+    # takes many minutes on 2 cores) and a grid can block its seeds on a few base seeds
+    base_seed: Optional[int] = None
     base_lr: float = 2e-3
     base_batch_size: int = 32
     general_eval: bool = False              # measure general ability (experiments.general) before and after each stage
@@ -162,8 +166,11 @@ class ExperimentConfig:
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "refresh_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.seed < 2**32:  # numpy's seed range
-            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        for name in ("seed", "base_seed"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2**32:  # numpy's seed range
+                raise ValueError(f"{name} must be an int in [0, 2**32){' or null' if name == 'base_seed' else ''}, "
+                                 f"got {value!r}")
         for name in ("lr", "base_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -196,6 +203,11 @@ class ExperimentConfig:
         return asdict(self)
 
     @property
+    def start_seed(self) -> int:
+        """Return the seed of the tiny-base start model: base_seed, or seed when base_seed is None."""
+        return self.seed if self.base_seed is None else self.base_seed
+
+    @property
     def run_name(self) -> str:
         """Folder name of this run: protocol-method-seed (train tasks named for forgetting)."""
         extra = "+".join(self.train_tasks) if self.protocol == "forgetting" else (
@@ -204,14 +216,18 @@ class ExperimentConfig:
         model = "" if self.model == default_model else "m_" + self.model.replace("/", "_")
         general = "general" if self.general_eval else ""
         monitor = "monitor" if self.monitor or self.snapshots else ""
-        return "-".join(x for x in (self.protocol, extra, model, general, monitor, self.method, f"s{self.seed}") if x)
+        base = f"b{self.base_seed}" if self.start_seed != self.seed else ""  # a base shared with other seeds
+        return "-".join(x for x in (self.protocol, extra, model, general, monitor, self.method, f"s{self.seed}", base)
+                        if x)
 
 
-# Profile overrides of the defaults (the `cpu` profile is the dataclass defaults).
+# Profile overrides of the defaults (the `cpu` profile is the dataclass defaults but for base_seed).
 PROFILES: Dict[str, dict] = {
     "smoke": dict(steps_per_task=12, batch_size=8, base_batch_size=8, train_records=200, eval_records=8, eval_every=6,
                   probe_steps=6, base_steps=60, refresh_every=5, warmup_steps=3, checkpoint_every=0),
-    "cpu": {},
+    # base_seed=0: every cpu seed starts from the one cached tiny-base of seed 0 (a build takes many minutes on
+    # 2 cores; one per seed would dominate a grid); seeds then differ in data order and engine, not start model
+    "cpu": dict(base_seed=0),
     "real_cpu": dict(model="smollm2-135m", tasks=["math", "code"], steps_per_task=24, batch_size=4, lr=1e-4,
                      max_length=128, eval_records=32, eval_every=0, probe_steps=8, refresh_every=8,
                      warmup_steps=4, checkpoint_every=24, protocol="sequential", general_eval=True,

@@ -390,12 +390,15 @@ def differing_settings(stored: dict, config: ExperimentConfig, stored_precision:
 
     The precision is compared as resolved: the record's own "precision" (`stored_precision`) against what
     `config` resolves to here, so "auto" on CPU (fp32) equals a record made before the setting existed,
-    and real_cpu's precision="bf16" equals its old records' bf16_autocast=True."""
+    and real_cpu's precision="bf16" equals its old records' bf16_autocast=True. The base seed is compared as
+    the start model's seed (base_seed, else seed), so base_seed=0 on seed 0 equals a record made before it existed."""
     from ..training.device import record_precision, resolve_device, resolve_precision
     defaults = ExperimentConfig().to_dict()
     current = config.to_dict()
     stored = {**stored, "precision": record_precision(stored, stored_precision)}
     current["precision"] = resolve_precision(config.precision, resolve_device(config.device))
+    stored["base_seed"] = stored.get("seed") if stored.get("base_seed") is None else stored["base_seed"]
+    current["base_seed"] = config.start_seed
     differ = [k for k, v in current.items() if k not in NOT_SETTINGS
               and stored.get(k, defaults.get(k, v)) != (list(v) if isinstance(v, tuple) else v)]
     return ", ".join(f"{k}={stored.get(k, defaults.get(k))!r} vs {current[k]!r}" for k in differ)
