@@ -70,6 +70,55 @@ def test_backward_transfer_paper_and_gem_code_normalisations():
     assert M.backward_transfer_gem_code(R) == pytest.approx(-0.5 / 3)
 
 
+# the hand matrix of the metric definitions: R[j, i] = score on task i after stage j
+HAND = [[0.8, 0.1, 0.2],
+        [0.5, 0.9, 0.3],
+        [0.4, 0.6, 0.7]]
+
+
+def test_named_metrics_on_the_hand_matrix():
+    # Chaudhry: task 0 max(0.8, 0.5) - 0.4 = 0.4; task 1 max(0.1, 0.9) - 0.6 = 0.3; mean 0.35
+    np.testing.assert_allclose(M.forgetting_per_task(HAND), [0.4, 0.3])
+    assert M.forgetting_chaudhry(HAND) == pytest.approx(0.35)
+    # GEM paper: ((0.4 - 0.8) + (0.6 - 0.9)) / 2 = -0.35; GEM code: the same sum / 3 = -0.2333
+    assert M.bwt(HAND) == pytest.approx(-0.35)
+    assert M.bwt_gem_code(HAND) == pytest.approx(-0.7 / 3) == pytest.approx(-0.2333, abs=1e-4)
+    # first minus last: 0.8 - 0.4 = 0.4, 0.9 - 0.6 = 0.3 (here the diagonal is each column's max)
+    np.testing.assert_allclose(M.forgetting_first_last_per_task(HAND), [0.4, 0.3])
+    assert M.forgetting_first_last(HAND) == pytest.approx(0.35)
+    # the named functions are the older names' numbers (notebooks call those)
+    assert (M.bwt(R), M.bwt_gem_code(R), M.forgetting_chaudhry(R)) == \
+        (M.backward_transfer(R), M.backward_transfer_gem_code(R), M.average_forgetting(R))
+
+
+def test_chaudhry_and_first_last_forgetting_differ_when_a_task_peaks_off_its_own_row():
+    R2 = [[0.9, 0.4, 0.0],
+          [0.2, 0.3, 0.0],
+          [0.2, 0.1, 0.5]]
+    # task 1 scored 0.4 before it was trained: Chaudhry 0.4 - 0.1 = 0.3, first-last 0.3 - 0.1 = 0.2
+    np.testing.assert_allclose(M.forgetting_per_task(R2), [0.7, 0.3])
+    np.testing.assert_allclose(M.forgetting_first_last_per_task(R2), [0.7, 0.2])
+    assert M.forgetting_first_last(R2) == pytest.approx(-M.bwt(R2)) == pytest.approx(0.45)
+    assert M.forgetting_chaudhry(R2) == pytest.approx(0.5)
+
+
+def test_retention_is_a_after_b_over_a_after_a_and_nan_when_a_was_never_learned():
+    # hand matrix, task 0: A after A = 0.8, after the last stage 0.4 -> 0.5; task 1: 0.6 / 0.9
+    assert M.retention(a_after_a=HAND[0][0], a_after_b=HAND[2][0]) == pytest.approx(0.5)
+    assert M.retention(a_after_a=0.9, a_after_b=0.6) == pytest.approx(2 / 3)
+    assert M.retention(a_after_a=0.4, a_after_b=0.5) == pytest.approx(1.25)  # B helped A
+    # ranks differently from absolute forgetting: 0.8 -> 0.6 forgets 0.2 (keeps 75 %), 0.3 -> 0.2 forgets
+    # only 0.1 but keeps 67 %
+    assert 0.8 - 0.6 > 0.3 - 0.2
+    assert M.retention(a_after_a=0.8, a_after_b=0.6) > M.retention(a_after_a=0.3, a_after_b=0.2)
+    assert math.isnan(M.retention(a_after_a=0.0, a_after_b=0.0))
+    assert math.isnan(M.retention(a_after_a=0.0, a_after_b=0.2))
+    with pytest.raises(ValueError, match="retention needs scores >= 0"):
+        M.retention(a_after_a=0.5, a_after_b=-0.1)
+    with pytest.raises(ValueError, match="a_after_a=nan"):
+        M.retention(a_after_a=math.nan, a_after_b=0.1)
+
+
 def test_forward_transfer_compares_score_before_training_with_base():
     # (R[0,1] - base[1] + R[1,2] - base[2]) / 2 = ((0.1 - 0.2) + (0.3 - 0.3)) / 2
     assert M.forward_transfer(R, BASE) == pytest.approx(-0.05)
@@ -91,15 +140,17 @@ def test_metrics_are_scale_free_between_unit_and_percent_scores():
 
 
 @pytest.mark.parametrize("fn", [M.final_scores, M.average_score, M.average_forgetting, M.backward_transfer,
-                                M.forgetting_rate])
+                                M.forgetting_rate, M.bwt, M.bwt_gem_code, M.forgetting_chaudhry,
+                                M.forgetting_first_last])
 def test_non_square_score_matrix_raises_naming_R(fn):
     with pytest.raises(ValueError, match="R must be a square"):
         fn([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
 
 
 def test_single_task_matrix_is_rejected_where_t_minus_1_divides():
-    with pytest.raises(ValueError, match="at least 2 task"):
-        M.average_forgetting([[0.5]])
+    for fn in (M.average_forgetting, M.forgetting_chaudhry, M.forgetting_first_last, M.bwt):
+        with pytest.raises(ValueError, match="at least 2 task"):
+            fn([[0.5]])
     assert M.backward_transfer_gem_code([[0.5]]) == 0.0
 
 

@@ -29,7 +29,8 @@ from .conflict import conflict_score_per_task, conflict_scores, task_gradients, 
 __all__ = [
     "final_scores", "average_score", "normalized_scores", "average_normalized_score",
     "forgetting_per_task", "average_forgetting", "backward_transfer", "backward_transfer_gem_code",
-    "forward_transfer", "forgetting_rate", "seesaw", "table2", "mean_of_last", "summarize_seeds", "mean_sd",
+    "forward_transfer", "forgetting_rate", "bwt", "bwt_gem_code", "forgetting_chaudhry", "forgetting_first_last",
+    "forgetting_first_last_per_task", "retention", "seesaw", "table2", "mean_of_last", "summarize_seeds", "mean_sd",
     "jaccard", "churn", "released_fraction", "spearman", "drift_summary", "drift_over_scopes",
     "task_gradients", "conflict_scores", "conflict_score_per_task", "trainable_parameter_names",
 ]
@@ -149,6 +150,63 @@ def forgetting_rate(R: ArrayLike) -> np.ndarray:
     best = np.array([m[i:, i].max() for i in range(T)])
     lost = best - m[-1]
     return np.divide(lost, best, out=np.zeros(T), where=best > 0)
+
+
+# ---------------------------------------------------------------- the literature's names, one definition each
+# The continual-learning papers use several definitions under one name (GEM's paper averages BWT over T−1
+# tasks, its code over T; Chaudhry's forgetting takes the max over earlier rows, avalanche's is first minus
+# last). Each name below is one of them, stated; a table says which one it shows.
+
+def bwt(R: ArrayLike) -> float:
+    """Return BWT = (1/(T-1)) Σ_{i<T-1} (R[T-1, i] − R[i, i]), as in the GEM paper (Lopez-Paz & Ranzato 2017).
+
+    Negative = forgetting. The same number as :func:`backward_transfer`."""
+    return backward_transfer(R)
+
+
+def bwt_gem_code(R: ArrayLike) -> float:
+    """Return (1/T) Σ_{i<T} (R[T-1, i] − R[i, i]): the same sum as :func:`bwt` divided by T, as GEM's code does
+    (the last task adds a 0 term, so it is (T-1)/T · bwt). The same number as :func:`backward_transfer_gem_code`."""
+    return backward_transfer_gem_code(R)
+
+
+def forgetting_chaudhry(R: ArrayLike) -> float:
+    """Return F = (1/(T-1)) Σ_{i<T-1} (max_{l<T-1} R[l, i] − R[T-1, i]), Chaudhry et al. 2018 (RWalk).
+
+    Per task it is :func:`forgetting_per_task` (the max also covers rows before task i was trained, as in
+    their formula; Mammoth's variant takes it over every row). Positive = forgotten. The same number as
+    :func:`average_forgetting`."""
+    return average_forgetting(R)
+
+
+def forgetting_first_last_per_task(R: ArrayLike) -> np.ndarray:
+    """Return f_i = R[i, i] − R[T-1, i] for each task i < T-1 (length T-1): the score right after training task i
+    minus the final one (avalanche's forgetting: first evaluation after learning minus last). Positive = forgotten."""
+    m = _matrix(R, min_tasks=2)
+    return np.diag(m)[:-1] - m[-1, :-1]
+
+
+def forgetting_first_last(R: ArrayLike) -> float:
+    """Return (1/(T-1)) Σ_{i<T-1} (R[i, i] − R[T-1, i]), the mean of :func:`forgetting_first_last_per_task`.
+
+    Equals −:func:`bwt`; it differs from :func:`forgetting_chaudhry` when a task scored higher at a row other
+    than its own (before it was trained, or after a later stage helped it)."""
+    return float(forgetting_first_last_per_task(R).mean())
+
+
+def retention(*, a_after_a: float, a_after_b: float) -> float:
+    """Return a_after_b / a_after_a: the share of A's score after training A that is left after then training B.
+
+    1 = nothing forgotten, 0 = all of it, above 1 = B helped A. Unlike absolute forgetting (a_after_a −
+    a_after_b) it does not penalise a method for having learned A better. Scores must be >= 0 (scores, not
+    deltas: ValueError otherwise). When a_after_a is 0 the ratio is nan: A was never learned, so there is
+    nothing to retain, and nan (skipped by the tables' mean ± sd cells) says "not measured" rather than a
+    number that would rank runs. For an R matrix, task i's retention is R[T-1, i] / R[i, i]."""
+    a, b = float(a_after_a), float(a_after_b)
+    if not (a >= 0 and b >= 0):  # also refuses nan
+        raise ValueError(f"retention needs scores >= 0 (not deltas), got a_after_a={a_after_a!r}, "
+                         f"a_after_b={a_after_b!r}")
+    return b / a if a > 0 else math.nan
 
 
 # ---------------------------------------------------------------- multi-task mix (seesaw)
