@@ -161,8 +161,9 @@ def test_real_cpu_summary_has_one_row_per_run_and_the_table2_columns(tmp_path):
     frame = table2_frame(back)
     assert frame.loc["full_sft", ("math->code: Δmath (forgetting)", "mean")] == pytest.approx(-30.0)
     assert "CPI-FT Table 2 shape" in (tmp_path / "summary.md").read_text()
-    (verdict,) = claims(back)
-    assert verdict["verdict"] == "supported" and "epi forgets less of the first task than full_sft" in verdict["claim"]
+    (verdict,) = claims(back)  # the one rule: 2 seeds (directions averaged within each) cannot reach 95 %
+    assert verdict["verdict"] == "mixed" and "epi forgets less of the first task than full_sft" in verdict["claim"]
+    assert "range of 2 seed(s)" in verdict["measured"] and "orders code->math, math->code averaged" in verdict["measured"]
 
 
 @pytest.mark.slow

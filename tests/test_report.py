@@ -42,16 +42,88 @@ def test_drift_matrices_from_masks_and_samples():
     assert random_jaccard(0.1) == pytest.approx(0.1 / 1.9)
 
 
-def test_reduction_claim_pairs_runs_by_seed_and_direction_and_applies_the_margin():
+def _forgetting_frame(epi_by_seed):
     import pandas as pd
-    rows = [("full_sft", 0, "a→b", 0.40), ("epi", 0, "a→b", 0.10), ("full_sft", 1, "a→b", 0.30),
-            ("epi", 1, "a→b", 0.20), ("full_sft", 0, "b→a", 0.50), ("epi", 0, "b→a", 0.55)]
-    df = pd.DataFrame(rows, columns=["method", "seed", "direction", "forgetting_A"])
-    mixed = reduction_claim("x", df, "forgetting_A", "epi", "full_sft")
-    # reductions 0.30, 0.10, −0.05 over 3 pairs: mean +0.117 > margin but one pair worse → mixed
-    assert mixed["verdict"] == "mixed" and "paired reduction +0.117 (3 pairs)" in mixed["measured"]
-    both_better = reduction_claim("x", df[df.direction == "a→b"], "forgetting_A", "epi", "full_sft")
-    assert both_better["verdict"] == "supported"
-    assert reduction_claim("x", df[df.direction == "b→a"], "forgetting_A", "epi", "full_sft")["verdict"] == "not supported"
+    rows = []
+    for seed, (ab, ba) in enumerate(epi_by_seed):
+        rows += [("full_sft", seed, "a→b", 0.40), ("epi", seed, "a→b", ab),
+                 ("full_sft", seed, "b→a", 0.50), ("epi", seed, "b→a", ba)]
+    return pd.DataFrame(rows, columns=["method", "seed", "direction", "forgetting_A"])
+
+
+def test_reduction_claim_pairs_by_seed_averages_directions_and_applies_the_margin():
+    # reductions per seed (directions averaged): (0.30 + 0.20)/2 = 0.25, 0.25, 0.20, 0.275 → 4 replicates, not 8
+    df = _forgetting_frame([(0.10, 0.30), (0.20, 0.20), (0.20, 0.30), (0.10, 0.25)])
+    c = reduction_claim("x", df, "forgetting_A", "epi", "full_sft")
+    assert c["verdict"] == "supported" and c["decision"]["n_seeds"] == 4
+    assert c["decision"]["effect"] == pytest.approx(0.24375)
+    assert "orders a→b, b→a averaged within each" in c["measured"] and "rule: bootstrap, minimum 0.03" in c["measured"]
+    # a seed against the claim keeps the interval across 0: mixed, not "3 of 4 pairs"
+    assert reduction_claim("x", _forgetting_frame([(0.10, 0.30), (0.20, 0.20), (0.20, 0.30), (0.60, 0.70)]),
+                           "forgetting_A", "epi", "full_sft")["verdict"] == "mixed"
+    worse = _forgetting_frame([(0.50, 0.60), (0.45, 0.55), (0.50, 0.65), (0.45, 0.60)])
+    assert reduction_claim("x", worse, "forgetting_A", "epi", "full_sft")["verdict"] == "not supported"
+    # the margin is also the floor: a baseline forgetting less than it has nothing to reduce
     assert reduction_claim("x", df, "forgetting_A", "epi", "full_sft", margin=0.5)["verdict"] == "not measured"
     assert reduction_claim("x", df, "forgetting_A", "random", "full_sft")["verdict"] == "not measured"
+    # two seeds as numbers cannot reach the 95 % level, however consistent (the audit's "4/4 pairs")
+    two = reduction_claim("x", df[df.seed < 2], "forgetting_A", "epi", "full_sft")
+    assert two["verdict"] == "mixed" and "range of 2 seed(s)" in two["measured"]
+
+
+def test_reduction_claim_reads_records_too():
+    def rec(method, seed, forgot):
+        entry = lambda s: {"score": s, "loss": 1.0, "n": 4}
+        return {"config": {"protocol": "sequential", "method": method, "tasks": ["a", "b"], "profile": "smoke"},
+                "seed": seed, "stage_scores": [{"a": entry(0.8), "b": entry(0.0)}, {"a": entry(0.8 - forgot),
+                                                                                       "b": entry(0.6)}]}
+    runs = [rec("full_sft", s, 0.5 + 0.01 * s) for s in range(4)] + [rec("epi", s, 0.1) for s in range(4)]
+    c = reduction_claim("x", runs, "forgetting_A", "epi", "full_sft")
+    assert c["verdict"] == "supported" and c["decision"]["effect"] == pytest.approx(0.415)
+
+
+def test_no_numpy_repr_reaches_a_report_line(tmp_path):
+    per_seed = [np.float64(-0.105), np.float64(-0.103)]
+    write_summary(tmp_path / "04_y", "04 · Y", profile="smoke", seeds=[0, 1],
+                  claims=[claim("static beats full SFT", f"Δ {np.float64(-0.1)!r}", "not supported",
+                                f"per seed: {per_seed}")])
+    # a summary written before claims were cleaned (a stored numpy repr) is cleaned by the report
+    (tmp_path / "05_z").mkdir()
+    (tmp_path / "05_z" / "summary.json").write_text(json.dumps(
+        {"notebook": "05 · Z", "profile": "smoke", "seeds": [0], "hardware": "CPU", "date": "2026-01-01",
+         "claims": [{"claim": "c", "measured": "[np.float64(0.031), np.int64(2)]", "verdict": "mixed",
+                     "evidence": "np.float64(0.5)"}], "tables": {}, "figures": [], "numbers": {}}))
+    report = write_report(tmp_path).read_text()
+    assert "per seed: [-0.105, -0.103]" in report and "[0.031, 2]" in report
+    assert not [line for line in report.splitlines() if "np.float" in line or "np.int" in line]
+
+
+def test_the_hardware_line_states_the_threads_the_runs_used(tmp_path):
+    import torch
+    runs = [{"config": {"threads": 1}}, {"config": {"threads": 1}}]
+    hw = json.loads(write_summary(tmp_path / "a", "A", profile="smoke", seeds=[0], claims=[], runs=runs)
+                    .read_text())["hardware"]
+    if not torch.cuda.is_available():
+        assert hw.endswith("runs used 1 thread(s) each")
+        # negative control: without records the line says whose threads it counts
+        own = json.loads(write_summary(tmp_path / "b", "B", profile="smoke", seeds=[0], claims=[]).read_text())
+        assert own["hardware"].endswith(f"{torch.get_num_threads()} thread(s) in the notebook process")
+        given = json.loads(write_summary(tmp_path / "c", "C", profile="smoke", seeds=[0], claims=[], threads=2)
+                           .read_text())
+        assert given["hardware"].endswith(", 2 thread(s)")
+
+
+def test_the_report_counts_its_claims_for_multiplicity(tmp_path):
+    from epi.analysis.report import multiplicity_note
+    tight = {"effect": 0.2, "interval": [0.15, 0.25], "minimum": 0.0, "tolerance": 0.0, "rule": "bootstrap"}
+    barely = {"effect": 0.02, "interval": [0.001, 0.04], "minimum": 0.0, "tolerance": 0.0, "rule": "bootstrap"}
+    claims = [claim("exact", "max drift 0", "supported"),
+              claim("big", "…", "supported", decision=tight), claim("small", "…", "supported", decision=barely),
+              claim("none", "…", "mixed", decision=dict(barely, effect=0.0, interval=[-0.02, 0.02]))]
+    note = multiplicity_note(claims)
+    assert note.startswith("This report makes 4 claim(s). 3 of them compare two arms")
+    assert "the other 1 are direct checks" in note and "among 3 such claims about 0.15 wrong verdicts" in note
+    assert "1 of the 2 supported claim(s) stay supported: big." in note    # the barely-supported one does not
+    write_summary(tmp_path / "01_x", "01 · X", profile="smoke", seeds=[0], claims=claims)
+    report = write_report(tmp_path).read_text()
+    assert "### How many claims (multiplicity)" in report and "This report makes 4 claim(s)" in report

@@ -1,5 +1,6 @@
-"""The one verdict rule (epi.analysis.stats): hand-computed cases for every rule, the bootstrap's determinism
-and coverage, edge cases (one seed, zero variance, nan, no pairs), and equality with the four rules it replaced."""
+"""The one verdict rule (epi.analysis.stats): the bootstrap's decisions on constructed effects (clear, tiny,
+ruled below the minimum, negative, floor, non-inferiority, too few seeds), hand-computed intervals, determinism
+and calibration, edge cases (one seed, zero variance, nan, no pairs), and the two legacy rules still named."""
 import math
 
 import numpy as np
@@ -34,58 +35,103 @@ def test_mean_score_se_and_difference_se_combine_independent_errors():
         stats.mean_score_se([], 80)
 
 
-# ---------------------------------------------------------------- the legacy rules, now parameters
+# ---------------------------------------------------------------- the one rule: decisions on constructed effects
 
-def test_seed_2se_on_three_seeds_by_hand():
-    # notebook 04's EPI-per-task vs random gains: mean 0.015667, sd 0.013429, se 0.007753 → 2 se = 0.015506
-    v = verdict([0.031, 0.006, 0.010])
-    assert v.rule == "seed_2se" and v.n_seeds == 3
-    assert v.effect == pytest.approx(0.0156667, abs=1e-6)
-    assert v.interval[0] == pytest.approx(0.0156667 - 0.0155064, abs=1e-6)
-    assert v.verdict == "supported"
-    # a slightly weaker third seed drops it below 2 se
-    assert verdict([0.031, 0.006, 0.002]).verdict == "mixed"
-    assert verdict([0.01, -0.02]).verdict == "not supported"
-    assert verdict([0.0, 0.0]).verdict == "not supported"  # no effect is not an effect
+def _prompts(mean, n=200, sd=0.3, seed=0):
+    # per-prompt differences with a given mean (a seed's paired evaluation), reproducible
+    rng = np.random.default_rng(seed)
+    d = rng.normal(0, sd, n)
+    return d - d.mean() + mean
+
+
+def test_the_default_rule_is_the_bootstrap():
+    assert stats.DEFAULT_RULE == "bootstrap" and verdict([0.1, 0.2, 0.3, 0.2]).rule == "bootstrap"
+    assert set(stats.RULES) == {"bootstrap", *stats.LEGACY_RULES}  # seed_2se and every_pair are gone
+    with pytest.raises(ValueError, match="rule must be one of"):
+        verdict([0.1, 0.2], rule="seed_2se")
+
+
+def test_a_clear_positive_effect_is_supported():
+    v = verdict([_prompts(0.10, seed=s) for s in range(4)], minimum=0.02)
+    assert v.verdict == "supported" and v.interval[0] > 0 and v.effect == pytest.approx(0.10)
+    assert v.n_seeds == 4 and v.n_prompts == 200
+
+
+def test_a_tiny_positive_effect_under_the_minimum_is_mixed():
+    # the interval excludes 0 (a real effect) and reaches above the minimum, but the effect is below it
+    v = verdict([_prompts(0.025, sd=0.15, seed=s) for s in range(4)], minimum=0.03)
+    assert v.interval[0] > 0 and v.interval[1] > 0.03 and v.effect < 0.03
+    assert v.verdict == "mixed"
+
+
+def test_an_effect_ruled_smaller_than_the_minimum_is_not_supported():
+    # the documented reading of "excludes the minimum in the other direction": the whole interval lies below
+    # +minimum, even though it also lies above 0 (real, but smaller than the claim needs)
+    v = verdict([_prompts(0.01, n=2000, sd=0.05, seed=s) for s in range(4)], minimum=0.03)
+    assert 0 < v.interval[0] and v.interval[1] < 0.03
+    assert v.verdict == "not supported"
+    # negative control: with no minimum the same data support the claim
+    assert verdict([_prompts(0.01, n=2000, sd=0.05, seed=s) for s in range(4)]).verdict == "supported"
+
+
+def test_a_clearly_negative_effect_is_not_supported_and_direction_flips_it():
+    effects = [_prompts(-0.10, seed=s) for s in range(4)]
+    assert verdict(effects).verdict == "not supported"
+    v = verdict(effects, direction="decrease")
+    assert v.verdict == "supported" and v.effect == pytest.approx(0.10) and v.interval[0] > 0
+
+
+def test_no_effect_at_all_is_mixed():
+    v = verdict([_prompts(0.0, seed=s) for s in range(4)])
+    assert v.interval[0] < 0 < v.interval[1] and v.verdict == "mixed"
+
+
+def test_a_baseline_below_the_floor_is_not_measured_whatever_the_effect():
+    effects = [_prompts(0.10, seed=s) for s in range(4)]
+    v = verdict(effects, floor=0.03, baseline=[0.004, 0.004, 0.0, 0.01])   # nb06: full SFT forgot 0.004
+    assert v.verdict == "not measured" and v.interval[0] > 0               # the interval is still shown
+    assert verdict(effects, floor=0.03, baseline=[0.2, 0.3, 0.2, 0.3]).verdict == "supported"
+    with pytest.raises(ValueError, match="floor and baseline"):
+        verdict([0.1], floor=0.03)
+
+
+def test_non_inferiority_moves_the_zero_line_to_minus_the_tolerance():
+    near = [_prompts(-0.01, n=1000, sd=0.1, seed=s) for s in range(4)]     # a small loss, well inside 0.05
+    assert verdict(near, tolerance=0.05).verdict == "supported"
+    assert verdict(near).verdict == "not supported"                         # negative control: as a superiority claim
+    far = [_prompts(-0.10, n=1000, sd=0.1, seed=s) for s in range(4)]
+    assert verdict(far, tolerance=0.05).verdict == "not supported"
+    assert "tolerance 0.05" in verdict(near, tolerance=0.05).describe()
+    with pytest.raises(ValueError, match="not both"):
+        verdict(near, tolerance=0.05, minimum=0.01)
+
+
+def test_few_seeds_without_prompts_cannot_reach_the_level():
+    # 2 or 3 seeds as numbers: the bootstrap "interval" is the seed range, so the rule does not decide
+    assert [stats.reaches_level(n) for n in range(1, 6)] == [False, False, False, True, True]
+    v = verdict([0.1, 0.3])
+    assert v.verdict == "mixed" and v.interval == pytest.approx((0.1, 0.3))
+    assert "range of 2 seed(s)" in v.describe() and "prompts: not recorded" in v.describe()
+    assert verdict([0.14, 0.10, 0.12]).verdict == "mixed"
+    # four seeds, all well above 0: the seeds-only bootstrap now decides
+    assert verdict([0.14, 0.10, 0.12, 0.13]).verdict == "supported"
+    # the same two seeds with their prompts: the prompt stage makes an interval
+    assert verdict([_prompts(0.1, seed=0), _prompts(0.3, seed=1)]).verdict == "supported"
 
 
 def test_one_seed_is_mixed_at_best_and_has_no_interval():
     one = verdict([0.05])
     assert one.verdict == "mixed" and all(math.isnan(x) for x in one.interval)
-    assert verdict([-0.05]).verdict == "not supported"
-    assert verdict([0.05], rule="bootstrap").verdict == "mixed"  # nothing to resample
+    assert verdict([-0.05]).verdict == "mixed"                  # one number cannot be ruled either way
 
 
-def test_zero_variance_over_seeds():
-    # every seed agrees: the seed-level se is 0, so any positive mean clears 2 se (the seed rule's known
-    # leniency); the seed-only bootstrap interval collapses to the point as well
-    v = verdict([0.02, 0.02, 0.02])
-    assert v.verdict == "supported" and v.interval == pytest.approx((0.02, 0.02))
-    b = verdict([0.02, 0.02, 0.02], rule="bootstrap", minimum=0.01)
+def test_zero_variance_over_four_seeds_collapses_the_interval():
+    b = verdict([0.02] * 4, minimum=0.01)
     assert b.interval == pytest.approx((0.02, 0.02)) and b.verdict == "supported"
-    assert verdict([0.02, 0.02, 0.02], rule="bootstrap", minimum=0.03).verdict == "not supported"
+    assert verdict([0.02] * 4, minimum=0.03).verdict == "not supported"
 
 
-def test_direction_decrease_orients_effect_and_interval():
-    v = verdict([-0.1, -0.2], direction="decrease", rule="every_pair")
-    assert v.effect == pytest.approx(0.15) and v.interval == pytest.approx((0.1, 0.2))
-    assert v.verdict == "supported"
-    assert verdict([-0.1, -0.2], rule="every_pair").verdict == "not supported"  # the same data, claimed upward
-
-
-def test_every_pair_rule_with_minimum_and_floor():
-    assert verdict([0.1, 0.05], rule="every_pair", minimum=0.03).verdict == "supported"
-    assert verdict([0.1, -0.01], rule="every_pair", minimum=0.03).verdict == "mixed"   # one pair against
-    assert verdict([0.01, 0.02], rule="every_pair", minimum=0.03).verdict == "mixed"   # below the minimum
-    assert verdict([-0.1, 0.05], rule="every_pair", minimum=0.03).verdict == "not supported"
-    # the baseline forgot 0.025 on average: nothing to reduce, whatever the effect
-    v = verdict([0.1, 0.05], rule="every_pair", minimum=0.03, floor=0.03, baseline=[0.02, 0.03])
-    assert v.verdict == "not measured" and v.effect == pytest.approx(0.075)
-    assert verdict([0.1, 0.05], rule="every_pair", minimum=0.03, floor=0.03,
-                   baseline=[0.02, 0.05]).verdict == "supported"
-    with pytest.raises(ValueError, match="floor and baseline"):
-        verdict([0.1], floor=0.03)
-
+# ---------------------------------------------------------------- legacy rules (notebooks 05/06 until rescored)
 
 def test_within_margin_is_non_inferiority():
     # effects = method − baseline learning; the claim: no pair loses more than 0.03
@@ -102,27 +148,28 @@ def test_evaluation_2se_reads_the_given_noise():
     assert verdict([0.05], rule="evaluation_2se", noise=0.077).interval == pytest.approx((0.05 - 0.077, 0.127))
     with pytest.raises(ValueError, match="noise"):
         verdict([0.1], rule="evaluation_2se")
+    with pytest.raises(ValueError, match="tolerance"):
+        verdict([0.1], rule="evaluation_2se", noise=0.1, tolerance=0.05)
 
 
 # ---------------------------------------------------------------- the calibrated rule: hierarchical bootstrap
 
-def test_bootstrap_of_two_seeds_by_hand():
-    # resampled means of {0.1, 0.3}: 0.1, 0.2, 0.3 with probability 1/4, 1/2, 1/4 → 95 % interval (0.1, 0.3)
-    v = verdict([0.1, 0.3], rule="bootstrap", minimum=0.05)
-    assert v.interval == pytest.approx((0.1, 0.3)) and v.effect == pytest.approx(0.2)
-    assert v.verdict == "supported" and v.n_prompts is None
-    assert verdict([0.1, 0.3], rule="bootstrap", minimum=0.25).verdict == "mixed"   # effect below the minimum
-    assert verdict([-0.1, -0.3], rule="bootstrap").verdict == "not supported"       # interval below 0
+def test_bootstrap_of_four_seeds_by_hand():
+    # resampled mean of {0, 0, 0, 0.4} = 0.1·k, k ~ Binomial(4, 1/4) draws of 0.4: the 2.5 % quantile is 0
+    # (P(k = 0) = 81/256 = 0.32); the 97.5 % one is 0.3 (P(k ≤ 2) = 243/256 = 0.949, P(k ≤ 3) = 0.996)
+    v = verdict([0.0, 0.0, 0.0, 0.4], resamples=200_000)
+    assert v.effect == pytest.approx(0.1) and v.interval[0] == pytest.approx(0.0)
+    assert v.interval[1] == pytest.approx(0.3) and v.verdict == "mixed"
 
 
 def test_bootstrap_resamples_prompts_inside_seeds():
     # one seed, two prompts with differences 0 and 1: means 0, 0.5, 1 → interval (0, 1), touching 0: mixed
-    v = verdict([np.array([0.0, 1.0])], rule="bootstrap")
+    v = verdict([np.array([0.0, 1.0])])
     assert v.interval == pytest.approx((0.0, 1.0)) and v.verdict == "mixed" and v.n_prompts == 2
-    # two seeds with the same mean: seeds alone show no spread, their prompts do
-    prompts = [np.tile([0.0, 1.0], 40), np.tile([1.0, 0.0], 40)]
-    seeds_only = verdict([p.mean() for p in prompts], rule="bootstrap")
-    both = verdict(prompts, rule="bootstrap")
+    # four seeds with the same mean: seeds alone show no spread, their prompts do
+    prompts = [np.tile([0.0, 1.0], 40), np.tile([1.0, 0.0], 40)] * 2
+    seeds_only = verdict([p.mean() for p in prompts])
+    both = verdict(prompts)
     assert seeds_only.interval == pytest.approx((0.5, 0.5))
     assert both.interval[0] < 0.45 and both.interval[1] > 0.55 and both.n_prompts == 80
 
@@ -137,13 +184,17 @@ def test_bootstrap_interval_matches_the_normal_approximation_for_one_seed():
     assert lo < d.mean() < hi
 
 
-def test_bootstrap_handles_tasks_by_prompts():
+def test_bootstrap_handles_tasks_by_prompts_and_ragged_rows():
     # per-seed effect = mean over tasks of each task's mean; tasks are resampled separately
     a = np.array([[0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])      # task means 0.5 and 1.0 → 0.75
-    v = verdict([a, a + 0.0], rule="bootstrap")
+    v = verdict([a, a + 0.0])
     assert v.effect == pytest.approx(0.75) and v.n_prompts == 4
     lo, hi = v.interval
     assert 0.5 <= lo < 0.75 < hi <= 1.0                             # only the first task's prompts vary
+    # rows of different lengths (two orders whose first tasks have different prompt counts)
+    ragged = [[0.0, 0.0, 1.0, 1.0], [1.0, 1.0]]
+    r = verdict([ragged, ragged])
+    assert r.effect == pytest.approx(0.75) and r.n_prompts == 2 and r.interval == pytest.approx(v.interval, abs=0.01)
 
 
 def test_bootstrap_is_deterministic_under_its_seed():
@@ -151,6 +202,17 @@ def test_bootstrap_is_deterministic_under_its_seed():
     first = stats.hierarchical_bootstrap(effects, seed=7)
     assert stats.hierarchical_bootstrap(effects, seed=7) == first
     assert stats.hierarchical_bootstrap(effects, seed=8) != first   # negative control: the seed is what fixes it
+
+
+def test_bootstrap_false_support_rate_under_no_effect_is_near_its_level():
+    # 200 claims with no true effect (4 seeds × 100 prompts, seed-level and prompt-level noise): about 2.5 %
+    # should be marked supported; a generous bound keeps the test stable
+    rng = np.random.default_rng(11)
+    supported = 0
+    for i in range(200):
+        effects = [rng.normal(rng.normal(0, 0.02), 0.3, 100) for _ in range(4)]
+        supported += verdict(effects, resamples=1000, seed=i).verdict == "supported"
+    assert supported <= 12                                           # ≤ 6 % (expected ≈ 2.5–5 %)
 
 
 # ---------------------------------------------------------------- refusals and empty input
@@ -175,21 +237,22 @@ def test_nan_and_bad_arguments_are_refused_with_the_field_named():
 def test_no_pairs_is_not_measured():
     v = verdict([])
     assert v.verdict == "not measured" and v.n_seeds == 0 and math.isnan(v.effect)
-    assert v.describe() == "no pairs · rule: seed_2se → not measured"
+    assert v.describe() == "no pairs · rule: bootstrap → not measured"
 
 
 # ---------------------------------------------------------------- what a verdict line says
 
 def test_describe_names_effect_interval_seeds_prompts_and_rule():
-    v = verdict([0.1, 0.3], rule="every_pair", n_prompts=80)
-    assert v.describe() == ("effect +0.200 [range of pairs: +0.100, +0.300] over 2 seed(s), 80 prompts per task · "
-                            "rule: every_pair → supported")
-    assert verdict([0.05]).describe() == ("effect +0.050 [mean ± 2 se over seeds: not estimable] over 1 seed(s) · "
-                                          "rule: seed_2se → mixed")
-    assert "minimum 0.03" in verdict([0.1, 0.05], rule="every_pair", minimum=0.03).describe()
+    v = verdict([np.array([0.1, 0.2, 0.3])] * 4, n_prompts=80, resamples=100)
+    line = v.describe()
+    assert line.startswith("effect +0.200 [95% hierarchical bootstrap: +")
+    assert line.endswith("] over 4 seed(s), 80 prompts per task · rule: bootstrap → supported")
+    assert "minimum 0.03" in verdict([0.1, 0.05, 0.1, 0.08], minimum=0.03).describe()
+    assert "prompts: not recorded" in verdict([0.1, 0.05, 0.1, 0.08]).describe()
     d = verdict([0.05]).to_dict()
-    assert d["interval"] == [None, None] and d["verdict"] == "mixed" and d["rule"] == "seed_2se"
+    assert d["interval"] == [None, None] and d["verdict"] == "mixed" and d["rule"] == "bootstrap"
     assert set(d) == set(Verdict.__dataclass_fields__)
+    assert verdict([]).to_dict()["effect"] is None                   # strict JSON: no nan
 
 
 def test_pairs_match_runs_by_seed_and_direction():
@@ -201,49 +264,3 @@ def test_pairs_match_runs_by_seed_and_direction():
     assert sorted((p.forgetting_A_base - p.forgetting_A_m).round(3)) == [-0.05, 0.3]
     with pytest.raises(ValueError, match="no column 'loss'"):
         stats.pairs(df, "loss", "epi", "full_sft")
-
-
-# ---------------------------------------------------------------- the rules it replaced decide the same
-
-def _notebook_verdict(diffs):           # notebooks 02/04 and 07 before issue 13
-    diffs = np.asarray(diffs, dtype=float)
-    if diffs.mean() <= 0:
-        return "not supported"
-    if len(diffs) < 2:
-        return "mixed"
-    se = diffs.std(ddof=1) / np.sqrt(len(diffs))
-    return "supported" if diffs.mean() > 2 * se else "mixed"
-
-
-def _notebook_06_call(d, noise):
-    return "supported" if d > noise else ("mixed" if d > 0 else "not supported")
-
-
-def _reduction(diffs, base_mean, margin):   # epi.report.reduction_claim before issue 13
-    mean_diff = sum(diffs) / len(diffs)
-    if base_mean <= margin:
-        return "not measured"
-    if min(diffs) > 0 and mean_diff > margin:
-        return "supported"
-    return "not supported" if mean_diff <= 0 else "mixed"
-
-
-def _learning_cost(cost, base_mean, margin):  # notebook 05's learning claim before issue 13
-    return ("not measured" if base_mean <= margin else "supported" if max(cost) <= margin
-            else "not supported" if sum(cost) / len(cost) > margin else "mixed")
-
-
-def test_the_legacy_rules_are_parameters_of_the_one_verdict():
-    rng = np.random.default_rng(0)
-    for _ in range(2000):
-        n = int(rng.integers(1, 7))
-        diffs = list(np.round(rng.normal(rng.uniform(-0.05, 0.08), rng.uniform(0, 0.06), n), 3))
-        base = list(np.round(rng.uniform(0, 0.1, n), 3))
-        assert verdict(diffs).verdict == _notebook_verdict(diffs)
-        if n == 1:
-            assert verdict(diffs, rule="evaluation_2se", noise=0.04).verdict == _notebook_06_call(diffs[0], 0.04)
-        assert verdict(diffs, rule="every_pair", minimum=0.03, floor=0.03, baseline=base).verdict == \
-            _reduction(diffs, sum(base) / n, 0.03)
-        cost = [-d for d in diffs]
-        assert verdict(diffs, rule="within_margin", minimum=0.03, floor=0.03, baseline=base).verdict == \
-            _learning_cost(cost, sum(base) / n, 0.03)

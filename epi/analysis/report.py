@@ -2,7 +2,9 @@
 
 Each notebook ends by calling `write_summary(OUTPUT_DIR, ...)`, which stores `summary.json`: its claims
 (claim, what was measured, verdict), markdown tables and figure paths. `write_report` collects them in
-notebook order into one claim-by-claim table followed by each notebook's tables and figures.
+notebook order into one claim-by-claim table, a note on how many claims the report makes (multiplicity),
+then each notebook's tables and figures. Claims comparing two arms are decided by the one rule
+(`epi.analysis.evidence` → `epi.analysis.stats.verdict`, rule "bootstrap").
 """
 from __future__ import annotations
 
@@ -10,52 +12,59 @@ import json
 import platform
 import time
 from pathlib import Path
+from statistics import NormalDist
 from typing import Dict, List, Optional, Sequence
 
 from ..jsonio import write_json
 from . import stats
-from .metrics import mean_sd
+from .evidence import claim, claim_from_frame, claim_from_runs, plain
 from .tables import claims_table
 
 VERDICTS = stats.VERDICTS  # the one list, with the rule that decides them
+__all__ = ["VERDICTS", "claim", "reduction_claim", "multiplicity_note", "write_summary", "write_report"]
 
 
-def claim(claim: str, measured: str, verdict: str, evidence: str = "") -> dict:
-    """Return one claim row; verdict is one of VERDICTS (say "not supported" when it is not)."""
-    if verdict not in VERDICTS:
-        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
-    return {"claim": claim, "measured": measured, "verdict": verdict, "evidence": evidence}
-
-
-def reduction_claim(text: str, frame, column: str, method: str, baseline: str, margin: float = 0.03,
+def reduction_claim(text: str, runs, column: str, method: str, baseline: str, margin: float = 0.03,
                     evidence: str = "") -> dict:
-    """Return the claim "`method` has a lower `column` than `baseline`", decided on paired runs.
+    """Return the claim "`method` has a lower `column` than `baseline`", decided by the one rule.
 
-    Runs pair on seed (and direction when `frame` has one); reduction = baseline − method per pair, decided by
-    `stats.verdict` with rule "every_pair": supported = every pair shows a reduction and the mean reduction
-    exceeds `margin`; not supported = the mean reduction is ≤ 0; mixed otherwise; not measured = the
-    baseline's own mean is ≤ `margin` (nothing to reduce) or no pair exists.
+    runs: run records (a list of results dicts: per-prompt scores are used when recorded) or a summary frame
+    (one row per run: method, seed, direction, `column`; per-seed numbers). Runs pair on seed, orders are
+    averaged within a seed; reduction = baseline − method. Supported = the 95 % bootstrap interval of the
+    reduction lies above 0 and the mean reduction exceeds `margin`; not supported = the interval lies below
+    `margin`; not measured = the baseline's own mean is ≤ `margin` (nothing to reduce) or no pair exists;
+    mixed otherwise.
     """
-    pairs = stats.pairs(frame, column, method, baseline)
-    if pairs.empty:
-        return claim(text, f"no paired runs of {method} and {baseline}", "not measured", evidence)
-    base, other = pairs[f"{column}_base"], pairs[f"{column}_m"]
-    decided = stats.verdict((other - base).tolist(), direction="decrease", rule="every_pair", minimum=margin,
-                            floor=margin, baseline=base.tolist())
-    measured = (f"{column}: {baseline} {mean_sd(base.tolist())}, {method} {mean_sd(other.tolist())}; "
-                f"paired reduction {decided.effect:+.3f} ({decided.n_seeds} pairs)")
-    return claim(text, measured, decided.verdict, evidence)
+    if isinstance(runs, (list, tuple)):
+        return claim_from_runs(text, runs, column, method, baseline, "decrease", margin, margin, evidence)
+    return claim_from_frame(text, runs, column, method, baseline, "decrease", margin, margin, evidence)
+
+
+def _hardware(runs: Optional[Sequence[dict]], threads) -> str:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = f"CPU {platform.processor() or platform.machine()}"
+    if runs:
+        used = sorted({r["config"].get("threads") for r in runs} - {None})
+        return f"{cpu}, runs used {'/'.join(map(str, used)) if used else 'unrecorded'} thread(s) each"
+    if threads is not None:
+        return f"{cpu}, {threads} thread(s)"
+    return f"{cpu}, {torch.get_num_threads()} thread(s) in the notebook process"
 
 
 def write_summary(out: str | Path, notebook: str, *, profile: str, seeds: Sequence[int], claims: List[dict],
                   tables: Optional[Dict[str, str]] = None, figures: Optional[List[str]] = None,
-                  numbers: Optional[dict] = None) -> Path:
-    """Write `<out>/summary.json` for the report; return its path."""
-    import torch
+                  numbers: Optional[dict] = None, runs: Optional[Sequence[dict]] = None,
+                  threads: Optional[int] = None) -> Path:
+    """Write `<out>/summary.json` for the report; return its path.
+
+    The hardware line states the threads the runs used: from `runs` (their records' config threads), else
+    `threads`, else the notebook process's own torch threads, said as such (right for a notebook that
+    trains in its own process)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
+    hardware = _hardware(runs, threads)
     figs = []
     for f in figures or []:
         p = Path(f)
@@ -64,6 +73,46 @@ def write_summary(out: str | Path, notebook: str, *, profile: str, seeds: Sequen
             "date": time.strftime("%Y-%m-%d"), "claims": claims, "tables": tables or {}, "figures": figs,
             "numbers": numbers or {}}
     return write_json(out / "summary.json", data)
+
+
+def _bonferroni_supported(decision: dict, k: int, level: float = 0.05) -> Optional[bool]:
+    """Return whether a claim decided "supported" stays so with its interval widened to 1 − level/k (normal
+    approximation: se from the 95 % interval's width); None when the decision has no single interval."""
+    lo, hi = decision.get("interval") or (None, None)
+    effect = decision.get("effect")
+    if lo is None or hi is None or effect is None:
+        return None
+    se = (hi - lo) / (2 * NormalDist().inv_cdf(1 - (1 - stats.BOOTSTRAP_LEVEL) / 2))
+    z = NormalDist().inv_cdf(1 - level / (2 * k))
+    tolerance = decision.get("tolerance") or 0.0
+    return effect - z * se > -tolerance and effect > (decision.get("minimum") or 0.0) - tolerance
+
+
+def multiplicity_note(claims: Sequence[dict]) -> str:
+    """Return the report's note on multiplicity: how many claims it makes, how many a 95 % rule decides, how
+    many wrong decisions that implies under no effect, and a Bonferroni reading of the supported ones."""
+    k = len(claims)
+    decided = [c for c in claims if isinstance(c.get("decision"), dict)]
+    s = len(decided)
+    lines = [f"This report makes {k} claim(s). {s} of them compare two arms and are decided by the one rule "
+             "(a 95 % hierarchical-bootstrap interval); the other "
+             f"{k - s} are direct checks (exactness, counts, thresholds named in the claim)."]
+    if s:
+        lines.append(f"Each interval leaves 2.5 % on either side, so where there is no effect at all a claim is "
+                     f"still marked \"supported\" with probability ≤ 2.5 % and \"not supported\" with ≤ 2.5 %: "
+                     f"among {s} such claims about {0.05 * s:.2f} wrong verdicts (about {0.025 * s:.2f} false "
+                     "\"supported\") are expected by chance alone (≈ 0.05 per claim).")
+        supported = [c for c in decided if c["verdict"] == "supported"]
+        readings = [(c, _bonferroni_supported(c["decision"], s)) for c in supported]
+        kept = [c for c, ok in readings if ok]
+        unknown = [c for c, ok in readings if ok is None]
+        if supported:
+            lines.append(f"Bonferroni reading (family-wise 5 %: each interval at {100 * (1 - 0.05 / s):.2f} %, normal "
+                         f"approximation to the bootstrap interval): {len(kept)} of the {len(supported)} supported "
+                         "claim(s) stay supported" + (f", {len(unknown)} have several intervals and are not adjusted"
+                                                       if unknown else "")
+                         + (": " + "; ".join(c["claim"] for c in kept) if kept else "") + ".")
+    return " ".join(lines)
 
 
 def write_report(artifacts: str | Path, out: Optional[str | Path] = None, title: str = "EPI reproduction report",
@@ -85,7 +134,9 @@ def write_report(artifacts: str | Path, out: Optional[str | Path] = None, title:
              "given per notebook. A claim the runs do not support is marked so.", "",
              "## Claims", "",
              claims_table([c for s in summaries for c in s["claims"]],
-                          notebooks=[s["notebook"] for s in summaries for _ in s["claims"]])]
+                          notebooks=[s["notebook"] for s in summaries for _ in s["claims"]]),
+             "", "### How many claims (multiplicity)", "",
+             multiplicity_note([c for s in summaries for c in s["claims"]])]
     for s in summaries:
         rel = s["_dir"].relative_to(out.parent) if out.parent in s["_dir"].parents or s["_dir"] == out.parent \
             else s["_dir"]
@@ -98,5 +149,5 @@ def write_report(artifacts: str | Path, out: Optional[str | Path] = None, title:
             lines += ["", f"**{name}**", "", table]
         for fig in s["figures"]:
             lines += ["", f"![{Path(fig).stem}]({rel / fig})"]
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text(plain("\n".join(lines)) + "\n")  # summaries written before plain() may hold numpy reprs
     return out

@@ -5,29 +5,44 @@ per-pair **effects** are oriented by `direction` so that a positive effect is wh
 verdict is one of "supported", "mixed", "not supported", "not measured" and comes with the effect, an
 interval, the number of seeds and prompts, and the name of the rule that decided it (`Verdict.describe`).
 
-`verdict` is the single entry point. Its `rule` picks how the interval is formed and read:
+`verdict` is the single entry point; its default rule ``bootstrap`` is the one rule of the suite:
 
-- ``seed_2se`` (the notebooks' rule): interval = mean ± 2 standard errors over seeds; supported when the mean
-  exceeds 2 se (needs ≥ 2 seeds), not supported when it is ≤ 0, mixed otherwise.
-- ``evaluation_2se``: interval = effect ± `noise` (two evaluation standard errors of the difference, for one
-  seed); supported when the effect exceeds `noise`, not supported when it is ≤ 0, mixed otherwise.
-- ``every_pair``: interval = the range of the pairs; supported when every pair shows the effect and the mean
-  exceeds `minimum`, not supported when the mean is ≤ 0, mixed otherwise.
-- ``within_margin`` (non-inferiority: "as well as, up to `minimum`"): interval = the range of the pairs;
-  supported when every pair's effect is ≥ −`minimum`, not supported when the mean is < −`minimum`.
-- ``bootstrap`` (calibrated): a 95 % percentile interval from a hierarchical bootstrap, seeds first, then the
-  evaluation prompts inside each drawn seed; supported when the interval excludes 0 in the claimed direction
-  and the effect exceeds `minimum`, not supported when the whole interval lies below `minimum`, mixed
-  otherwise (and when one seed without per-prompt effects leaves no interval to read).
+- **interval**: the 95 % percentile interval of the mean effect under a hierarchical bootstrap — seeds
+  drawn with replacement, then, inside every drawn seed, its evaluation prompts drawn with replacement (per
+  task). Per-seed numbers without prompt-level data skip the prompt stage (the description then says
+  "prompts: not recorded").
+- **supported** when the interval excludes 0 on the claimed side (its low end > 0) *and* the effect exceeds
+  the stated `minimum`.
+- **not supported** when the interval excludes the minimum on the other side: its high end < `minimum`.
+  This is the precise reading of the issue's "excludes the minimum in the other direction": the data rule
+  out an effect as large as the one the claim needs. With minimum 0 it is "significantly the other way";
+  with minimum m > 0 a small but real effect (interval inside (0, m)) is also "not supported" — it is
+  smaller than the claim's own threshold. (Reading it as "high end < −minimum" would make a larger minimum
+  *harder* to reject, which no claim intends.)
+- **not measured** when no pair exists, or when the baseline arm's own values (`baseline`, e.g. how much
+  full SFT forgot) have a mean ≤ `floor`: there was no effect to reduce. The interval is still shown.
+- **mixed** otherwise, including one seed given as a single number (no spread to resample).
 
-Every rule says **not measured** when no pair exists, or when `baseline` (the baseline arm's own values, e.g.
-how much full SFT forgot) has a mean ≤ `floor`: there was no effect to reduce.
+Few seeds without prompt scores. A seeds-only bootstrap draws all n seeds alike with probability n·n⁻ⁿ (½ for
+2 seeds, 1/9 for 3); while that exceeds the 2.5 % tail its "interval" is just the range of the seeds, and
+"supported" would be a sign test with p = 2⁻ⁿ (the audit's "every pair improves"). So with ≤ 3 seeds given as
+numbers the interval is shown as the seed range and the verdict is "mixed" at best (`reaches_level`). With
+4–8 seeds the seeds-only percentile interval is still narrower than a t interval (it uses the sd with
+ddof = 0 and normal quantiles); per-prompt scores, whose resampling adds the evaluation noise, or more seeds
+are what make the interval trustworthy.
+
+Non-inferiority ("as well as, up to `tolerance`") is the same rule with its zero line moved to −tolerance:
+supported when the interval's low end > −tolerance, not supported when its high end < −tolerance.
+
+Two older rules stay callable only because notebooks 05 and 06 still name them (LEGACY_RULES); they are
+removed when those notebooks are rescored: ``evaluation_2se`` (effect ± a given 2-se evaluation noise, one
+seed) and ``within_margin`` (every pair ≥ −minimum).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -36,24 +51,25 @@ VERDICTS = ("supported", "not supported", "mixed", "not measured")
 DIRECTIONS = ("increase", "decrease")
 
 RULES = {  # name → (what the interval is, the decision) — shown by Verdict.describe and written into reports
-    "seed_2se": ("mean ± 2 se over seeds",
-                 "supported when the mean effect exceeds 2 standard errors over seeds, not supported when it is ≤ 0"),
-    "evaluation_2se": ("± 2 evaluation se",
-                       "supported when the effect exceeds 2 evaluation standard errors of the difference, "
-                       "not supported when it is ≤ 0"),
-    "every_pair": ("range of pairs",
-                   "supported when every pair shows the effect and the mean exceeds the minimum, "
-                   "not supported when the mean is ≤ 0"),
-    "within_margin": ("range of pairs",
-                      "supported when every pair is within the margin, not supported when the mean falls outside it"),
     "bootstrap": ("95% hierarchical bootstrap",
                   "supported when the interval excludes 0 in the claimed direction and the effect exceeds the "
-                  "minimum, not supported when the interval lies below the minimum"),
+                  "minimum; not supported when the interval lies below the minimum; not measured when the "
+                  "baseline shows no effect to reduce; mixed otherwise"),
+    "evaluation_2se": ("± 2 evaluation se",
+                       "(legacy, notebook 06) supported when the effect exceeds 2 evaluation standard errors of "
+                       "the difference, not supported when it is ≤ 0"),
+    "within_margin": ("range of pairs",
+                      "(legacy, notebook 05) supported when every pair is within the margin, not supported when "
+                      "the mean falls outside it"),
 }
-DEFAULT_RULE = "seed_2se"
+DEFAULT_RULE = "bootstrap"
+LEGACY_RULES = ("evaluation_2se", "within_margin")  # named by notebooks 05/06 until they are rescored
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_LEVEL = 0.95
 _BLOCK = 4_000_000  # prompt indices drawn at once by the bootstrap (32 MB)
+
+# one seed's effects: a number, or per-prompt effects as rows (one row per task or order; rows may differ in length)
+SeedEffects = Union[float, Sequence[float], Sequence[Sequence[float]], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -62,30 +78,44 @@ class Verdict:
 
     effect: float                       # mean effect over seeds, oriented so that > 0 is what the claim says
     interval: tuple[float, float]       # (low, high) in the same orientation; (nan, nan) when not estimable
-    n_seeds: int                        # pairs (seeds, or seed × order) the effect averages
-    n_prompts: Optional[int]            # evaluation prompts per seed (per task) when known
+    n_seeds: int                        # replicates the effect averages (seeds; orders are averaged inside one)
+    n_prompts: Optional[int]            # evaluation prompts per task (the fewest) when prompts were resampled
     rule: str                           # a key of RULES
     verdict: str                        # one of VERDICTS
     minimum: float = 0.0                # the smallest effect the claim counts (the margin for within_margin)
+    tolerance: float = 0.0              # non-inferiority: the shortfall the claim tolerates (bootstrap)
 
     def describe(self, digits: int = 3) -> str:
         """Return one line: effect, interval, seeds, prompts, rule and verdict."""
         if self.n_seeds == 0:
             return f"no pairs · rule: {self.rule} → {self.verdict}"
         label = RULES[self.rule][0]
+        if self.rule == "bootstrap" and not self.n_prompts and not reaches_level(self.n_seeds):
+            label = f"range of {self.n_seeds} seed(s), too few for a 95% interval without prompt scores"
         lo, hi = self.interval
         interval = (f"{label}: {lo:+.{digits}f}, {hi:+.{digits}f}" if math.isfinite(lo) and math.isfinite(hi)
                     else f"{label}: not estimable")
-        prompts = f", {self.n_prompts} prompts per task" if self.n_prompts else ""
-        minimum = f", minimum {self.minimum:.{digits}g}" if self.minimum else ""
+        if self.n_prompts:
+            prompts = f", {self.n_prompts} prompts per task"
+        else:
+            prompts = ", prompts: not recorded" if self.rule == "bootstrap" else ""
+        extra = (f", minimum {self.minimum:.{digits}g}" if self.minimum else "") + \
+            (f", tolerance {self.tolerance:.{digits}g}" if self.tolerance else "")
         return (f"effect {self.effect:+.{digits}f} [{interval}] over {self.n_seeds} seed(s){prompts} · "
-                f"rule: {self.rule}{minimum} → {self.verdict}")
+                f"rule: {self.rule}{extra} → {self.verdict}")
 
     def to_dict(self) -> dict:
-        """Return the verdict as plain values (a non-finite interval end as None), e.g. for summary.json."""
+        """Return the verdict as plain values (a non-finite number as None), e.g. for summary.json."""
         finite = [v if math.isfinite(v) else None for v in self.interval]
-        return {"effect": self.effect, "interval": finite, "n_seeds": self.n_seeds, "n_prompts": self.n_prompts,
-                "rule": self.rule, "verdict": self.verdict, "minimum": self.minimum}
+        return {"effect": self.effect if math.isfinite(self.effect) else None, "interval": finite,
+                "n_seeds": self.n_seeds, "n_prompts": self.n_prompts, "rule": self.rule, "verdict": self.verdict,
+                "minimum": self.minimum, "tolerance": self.tolerance}
+
+
+def reaches_level(n_seeds: int, level: float = BOOTSTRAP_LEVEL) -> bool:
+    """Return whether a seeds-only bootstrap of `n_seeds` numbers can form an interval at `level`: the chance
+    n·n⁻ⁿ that a resample draws one seed n times must fall below the tail (1 − level)/2 (false for n ≤ 3 at 95 %)."""
+    return n_seeds > 1 and n_seeds * float(n_seeds) ** -n_seeds < (1 - level) / 2
 
 
 # ------------------------------------------------------------------------------------------------ noise levels
@@ -128,7 +158,8 @@ def pairs(frame: pd.DataFrame, column: str, method: str, baseline: str,
     """Return the paired runs of `method` and `baseline`: one row per pair with `<column>_base` and `<column>_m`.
 
     Runs pair on each of `keys` that `frame` has (seed, and the order of a sequential run), so the two arms
-    share base model, data order and evaluation prompts."""
+    share base model, data order and evaluation prompts. (Claims are decided from records or frames by
+    `epi.analysis.evidence`, which also averages orders within a seed.)"""
     for name in ("method", column):
         if name not in frame:
             raise ValueError(f"frame has no column {name!r} (columns: {list(frame.columns)})")
@@ -139,26 +170,50 @@ def pairs(frame: pd.DataFrame, column: str, method: str, baseline: str,
 
 # ------------------------------------------------------------------------------------------------ the verdict
 
-def _effects(effects_by_seed) -> list[np.ndarray]:
-    out = []
-    for i, e in enumerate(effects_by_seed):
+def _rows(e, i: int):
+    """Return one seed's effects as a float (a number) or a list of 1-D arrays (one per task/order)."""
+    try:
         a = np.asarray(e, dtype=float)
-        if a.ndim > 2 or a.size == 0:
+    except ValueError:  # ragged: rows of different lengths (e.g. two orders whose first tasks have different sizes)
+        try:
+            rows = [np.asarray(r, dtype=float) for r in e]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"effects_by_seed[{i}] must be a number or per-prompt effects, got {e!r}") from err
+        if any(r.ndim != 1 for r in rows):
+            raise ValueError(f"effects_by_seed[{i}]: ragged per-prompt effects must be rows of numbers")
+    else:
+        if a.ndim > 2:
             raise ValueError(f"effects_by_seed[{i}] must be a number, or per-prompt effects (prompts, or tasks × "
                              f"prompts), got shape {a.shape}")
-        if not np.isfinite(a).all():
-            raise ValueError(f"effects_by_seed[{i}] holds a non-finite value (nan or inf): a pair whose score is "
-                             "missing cannot be counted; drop the pair or rerun its evaluation")
-        out.append(a)
-    if out and len({a.ndim for a in out}) > 1:
+        if a.ndim == 0:
+            if not math.isfinite(float(a)):
+                raise ValueError(f"effects_by_seed[{i}] holds a non-finite value (nan or inf): a pair whose score "
+                                 "is missing cannot be counted; drop the pair or rerun its evaluation")
+            return float(a)
+        rows = [a] if a.ndim == 1 else list(a)
+    if not rows or any(r.size == 0 for r in rows):
+        raise ValueError(f"effects_by_seed[{i}] holds an empty row of per-prompt effects")
+    if not all(np.isfinite(r).all() for r in rows):
+        raise ValueError(f"effects_by_seed[{i}] holds a non-finite value (nan or inf): a pair whose score is "
+                         "missing cannot be counted; drop the pair or rerun its evaluation")
+    return rows
+
+
+def _effects(effects_by_seed) -> list:
+    out = [_rows(e, i) for i, e in enumerate(effects_by_seed)]
+    if out and len({isinstance(e, float) for e in out}) > 1:
         raise ValueError("effects_by_seed mixes kinds: give every seed a number, or every seed per-prompt effects "
-                         "of the same shape kind (prompts, or tasks × prompts)")
+                         "(prompts, or tasks × prompts)")
     return out
 
 
-def _seed_effect(a: np.ndarray) -> float:
-    # per-seed effect: a number as given; per-prompt effects averaged per task, then over tasks
-    return float(a) if a.ndim == 0 else float(a.mean(axis=-1).mean())
+def _seed_effect(e) -> float:
+    # per-seed effect: a number as given; per-prompt effects averaged per row (task/order), then over rows
+    return e if isinstance(e, float) else float(np.mean([r.mean() for r in e]))
+
+
+def _oriented(e, sign: float):
+    return sign * e if isinstance(e, float) else [sign * r for r in e]
 
 
 def hierarchical_bootstrap(effects_by_seed, *, resamples: int = BOOTSTRAP_RESAMPLES, level: float = BOOTSTRAP_LEVEL,
@@ -166,8 +221,9 @@ def hierarchical_bootstrap(effects_by_seed, *, resamples: int = BOOTSTRAP_RESAMP
     """Return the percentile interval at `level` of the mean effect under a two-stage bootstrap.
 
     Stage 1 draws seeds with replacement; stage 2 draws, for every drawn seed independently, its evaluation
-    prompts with replacement (within each task when a seed's effects are tasks × prompts). Per-seed numbers
-    (no prompt-level data) skip stage 2. The generator is seeded, so the interval is reproducible."""
+    prompts with replacement (within each row — task or order — when a seed's effects have several rows).
+    Per-seed numbers (no prompt-level data) skip stage 2. The generator is seeded, so the interval is
+    reproducible."""
     arrays = _effects(effects_by_seed)
     if not arrays:
         raise ValueError("hierarchical_bootstrap needs at least one seed")
@@ -178,36 +234,37 @@ def hierarchical_bootstrap(effects_by_seed, *, resamples: int = BOOTSTRAP_RESAMP
     total = np.zeros(resamples)
     for _ in range(n):                                    # one slot of the resampled set of seeds at a time
         drawn = rng.integers(n, size=resamples)
-        for s, a in enumerate(arrays):
-            rows = np.flatnonzero(drawn == s)
-            if rows.size == 0:
+        for s, e in enumerate(arrays):
+            hits = np.flatnonzero(drawn == s)
+            if hits.size == 0:
                 continue
-            if a.ndim == 0:
-                total[rows] += float(a)
+            if isinstance(e, float):
+                total[hits] += e
                 continue
-            grid = a if a.ndim == 2 else a[None, :]        # tasks × prompts
-            for block in np.array_split(rows, -(-rows.size * grid.size // _BLOCK)):  # bounded memory
-                idx = rng.integers(grid.shape[1], size=(block.size, *grid.shape))
-                drawn_means = np.take_along_axis(np.broadcast_to(grid, idx.shape), idx, axis=2).mean(axis=2)
-                total[block] += drawn_means.mean(axis=1)
-    means = total / n
+            seed_means = np.zeros(hits.size)
+            for row in e:                                 # each task's (or order's) prompts drawn on their own
+                for block in np.array_split(np.arange(hits.size), -(-hits.size * row.size // _BLOCK)):
+                    seed_means[block] += row[rng.integers(row.size, size=(block.size, row.size))].mean(axis=1)
+            total[hits] += seed_means / len(e)
     tail = (1 - level) / 2
-    lo, hi = np.quantile(means, [tail, 1 - tail])
+    lo, hi = np.quantile(total / n, [tail, 1 - tail])
     return float(lo), float(hi)
 
 
 def verdict(effects_by_seed, *, direction: str = "increase", rule: str = DEFAULT_RULE, minimum: float = 0.0,
-            floor: Optional[float] = None, baseline: Optional[Sequence[float]] = None, noise: Optional[float] = None,
-            n_prompts: Optional[int] = None, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Verdict:
-    """Return the Verdict on a claim from its paired effects, one entry per seed (or seed × order).
+            tolerance: float = 0.0, floor: Optional[float] = None, baseline: Optional[Sequence[float]] = None,
+            noise: Optional[float] = None, n_prompts: Optional[int] = None, resamples: int = BOOTSTRAP_RESAMPLES,
+            seed: int = 0) -> Verdict:
+    """Return the Verdict on a claim from its paired effects, one entry per seed (orders averaged inside it).
 
-    effects_by_seed: per pair, the difference method − baseline as a number, or the per-prompt differences on
-        the shared evaluation prompts (1-D, or tasks × prompts) for the bootstrap's prompt stage.
+    effects_by_seed: per seed, the difference method − baseline as a number, or the per-prompt differences on
+        the shared evaluation prompts (1-D, tasks × prompts, or a list of rows of different lengths) for the
+        bootstrap's prompt stage.
     direction: "increase" when the claim says the difference is positive, "decrease" when negative (e.g. "forgets
         less"); the Verdict's effect and interval are oriented so that positive is the claim's way.
-    rule: a key of RULES (see the module docstring). minimum: the smallest effect that counts (every_pair,
-        bootstrap), or the tolerated shortfall (within_margin). noise: the 2-se evaluation noise of the
-        difference (evaluation_2se only).
+    rule: "bootstrap" (the one rule; see the module docstring) or a legacy rule. minimum: the smallest effect
+        that counts (the margin for within_margin). tolerance: non-inferiority (bootstrap): the claim is "not
+        worse than −tolerance". noise: the 2-se evaluation noise of the difference (evaluation_2se only).
     floor, baseline: "not measured" when the mean of `baseline` (the baseline arm's values) is ≤ `floor`.
     n_prompts: prompts per task, for the description (taken from the arrays when they are per-prompt).
     resamples, seed: the bootstrap's size and generator seed.
@@ -216,51 +273,53 @@ def verdict(effects_by_seed, *, direction: str = "increase", rule: str = DEFAULT
         raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    if not math.isfinite(minimum) or minimum < 0:
-        raise ValueError(f"minimum must be a finite number >= 0, got {minimum}")
+    for name, value in (("minimum", minimum), ("tolerance", tolerance)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if minimum and tolerance:
+        raise ValueError("give minimum (a superiority claim: the effect must exceed it) or tolerance (a "
+                         "non-inferiority claim: not worse than −tolerance), not both")
+    if tolerance and rule != "bootstrap":
+        raise ValueError(f"tolerance is read by rule 'bootstrap' only, got rule {rule!r}")
     if rule == "evaluation_2se" and (noise is None or not math.isfinite(noise) or noise < 0):
         raise ValueError(f"rule 'evaluation_2se' needs noise (the 2-se evaluation noise, >= 0), got {noise}")
     if (floor is None) != (baseline is None):
         raise ValueError("floor and baseline go together: give both (not measured when mean(baseline) <= floor)")
     sign = 1.0 if direction == "increase" else -1.0
-    arrays = [sign * a for a in _effects(effects_by_seed)]
-    if arrays and arrays[0].ndim > 0 and n_prompts is None:
-        n_prompts = min(a.shape[-1] for a in arrays)
-    diffs = np.array([_seed_effect(a) for a in arrays])
+    arrays = [_oriented(e, sign) for e in _effects(effects_by_seed)]
+    per_prompt = bool(arrays) and not isinstance(arrays[0], float)
+    if per_prompt and n_prompts is None:
+        n_prompts = min(r.size for e in arrays for r in e)
+    diffs = np.array([_seed_effect(e) for e in arrays])
     n = len(diffs)
     nan2 = (math.nan, math.nan)
 
     def decided(effect: float, interval: tuple[float, float], word: str) -> Verdict:
-        return Verdict(float(effect), (float(interval[0]), float(interval[1])), n, n_prompts, rule, word, minimum)
+        return Verdict(float(effect), (float(interval[0]), float(interval[1])), n, n_prompts, rule, word, minimum,
+                       tolerance)
 
     if n == 0:
         return decided(math.nan, nan2, "not measured")
     mean = diffs.mean()
+    unmeasured = False
     if floor is not None:
         base = np.asarray(baseline, dtype=float)
         if base.size == 0 or not np.isfinite(base).all():
             raise ValueError("baseline must hold finite values (the baseline arm's own scores or forgetting)")
-        if base.mean() <= floor:
-            return decided(mean, nan2, "not measured")
-
-    if rule == "seed_2se":
-        if n < 2:
-            return decided(mean, nan2, "not supported" if mean <= 0 else "mixed")
-        se = diffs.std(ddof=1) / np.sqrt(n)
-        word = "not supported" if mean <= 0 else "supported" if mean > 2 * se else "mixed"
-        return decided(mean, (mean - 2 * se, mean + 2 * se), word)
+        unmeasured = bool(base.mean() <= floor)
     if rule == "evaluation_2se":
         word = "supported" if mean > noise else "mixed" if mean > 0 else "not supported"
-        return decided(mean, (mean - noise, mean + noise), word)
-    if rule == "every_pair":
-        word = ("supported" if diffs.min() > 0 and mean > minimum else "not supported" if mean <= 0 else "mixed")
-        return decided(mean, (diffs.min(), diffs.max()), word)
+        return decided(mean, (mean - noise, mean + noise), "not measured" if unmeasured else word)
     if rule == "within_margin":
         word = ("supported" if diffs.min() >= -minimum else "not supported" if mean < -minimum else "mixed")
-        return decided(mean, (diffs.min(), diffs.max()), word)
-    # bootstrap: one seed without per-prompt effects has no spread to resample
-    if n < 2 and arrays[0].ndim == 0:
-        return decided(mean, nan2, "mixed")
+        return decided(mean, (diffs.min(), diffs.max()), "not measured" if unmeasured else word)
+    # bootstrap: one seed given as a number has no spread to resample; 2–3 have too little (reaches_level)
+    if n < 2 and not per_prompt:
+        return decided(mean, nan2, "not measured" if unmeasured else "mixed")
+    if not per_prompt and not reaches_level(n):
+        return decided(mean, (diffs.min(), diffs.max()), "not measured" if unmeasured else "mixed")
     lo, hi = hierarchical_bootstrap(arrays, resamples=resamples, seed=seed)
-    word = ("supported" if lo > 0 and mean > minimum else "not supported" if hi < minimum else "mixed")
+    zero, needed = -tolerance, minimum - tolerance    # the lines the interval is read against
+    word = ("not measured" if unmeasured else "supported" if lo > zero and mean > needed
+            else "not supported" if hi < needed else "mixed")
     return decided(mean, (lo, hi), word)

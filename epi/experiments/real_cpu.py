@@ -157,8 +157,9 @@ def _cell(mean: float, sd: float, digits: int) -> str:
 
 
 def markdown(df: pd.DataFrame, base: Optional[dict], command: str, wall_s: Optional[float],
-             settings: Optional[dict] = None) -> str:
-    """Return summary.md: base scores, the Table 2 shape and the general-ability columns."""
+             settings: Optional[dict] = None, records: Optional[Sequence[dict]] = None) -> str:
+    """Return summary.md: base scores, the Table 2 shape, the general-ability columns and the claims (decided
+    from `records` when given — per-prompt scores — else from `df`, per seed)."""
     lines = [f"<!-- made by: {command} -->", "", "# real_cpu: sequential SFT of SmolLM2-135M-Instruct", ""]
     seeds = sorted(df["seed"].unique().tolist())
     lines.append(f"Methods {', '.join(dict.fromkeys(df['method']))}; seeds {seeds}; directions "
@@ -177,7 +178,8 @@ def markdown(df: pd.DataFrame, base: Optional[dict], command: str, wall_s: Optio
               "response loss at the end − at the start; KL = next-token KL(base ‖ final) on the general "
               "pairs (top-256 + rest).", "", table2_markdown(df), "",
               "## Claims", "", "| claim | measured | verdict |", "|---|---|---|"]
-    lines += [f"| {c['claim']} | {c['measured']}; {c['evidence']} | {c['verdict']} |" for c in claims(df)]
+    lines += [f"| {c['claim']} | {c['measured']}; {c['evidence']} | {c['verdict']} |"
+              for c in claims(list(records) if records else df)]
     lines += ["", "Per run: `summary.csv` (one row per method × seed × direction)."]
     return "\n".join(lines) + "\n"
 
@@ -204,25 +206,38 @@ def table2_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def claims(df: pd.DataFrame, baseline: str = "full_sft", margin: float = 0.03) -> List[dict]:
-    """Return report claims: does each isolating method forget less of the first task than `baseline`
-    (paired by seed and direction; `epi.analysis.report.reduction_claim`), and how much of the second task does it
-    learn relative to `baseline`?"""
+def claims(runs, baseline: str = "full_sft", margin: float = 0.03) -> List[dict]:
+    """Return report claims: does each isolating method forget less of the first task than `baseline`?
+
+    runs: the grid's run records (per-prompt scores used when recorded) or its summary frame (`summarize`,
+    `load_summary`: per-seed numbers). Decided by the one rule (`epi.analysis.report.reduction_claim`):
+    pairs by seed, the two directions averaged within a seed (2 seeds × 2 directions = 2 replicates);
+    minimum and floor `margin`. The evidence adds the learning of the second task against `baseline`, with
+    its own interval from the same rule."""
+    from ..analysis import evidence
     from ..analysis.report import reduction_claim
+    records = isinstance(runs, (list, tuple))
+    df = summarize(runs) if records else runs
     out = []
     for method in [m for m in dict.fromkeys(df["method"]) if m != baseline]:
         learned = df[df["method"] == method]["learning_B"].mean() / max(
             df[df["method"] == baseline]["learning_B"].mean(), 1e-9)
+        paired = (evidence.paired_effects(runs, "learning_B", method, baseline) if records else
+                  evidence.pair_units(evidence.frame_units(df, "learning_B"), method, baseline))
+        learning = (f"; learning of the second task − {baseline}: {evidence.decide(paired).describe()}"
+                    if paired.seeds else "")
         out.append(reduction_claim(f"SmolLM2-135M (real_cpu): {method} forgets less of the first task than "
-                                   f"{baseline} (CPI-FT Table 2 shape)", df, "forgetting_A", method, baseline,
-                                   margin, f"second task learned {100 * learned:.0f}% as much as {baseline}"))
+                                   f"{baseline} (CPI-FT Table 2 shape)", runs, "forgetting_A", method, baseline,
+                                   margin, f"second task learned {100 * learned:.0f}% as much as {baseline}"
+                                   f"{learning}"))
     return out
 
 
 def write_results(df: pd.DataFrame, base: Optional[dict], results: str | Path, command: str,
-                  wall_s: Optional[float] = None, settings: Optional[dict] = None) -> None:
+                  wall_s: Optional[float] = None, settings: Optional[dict] = None,
+                  records: Optional[Sequence[dict]] = None) -> None:
     """Write summary.csv (plain CSV), summary.md, summary.provenance.json (the command) and, when `base` is
-    given, base.json under `results`."""
+    given, base.json under `results`; `records` (the runs) let the claims read per-prompt scores."""
     from ..analysis.compare import write_provenance
     from ..jsonio import write_json
     results = Path(results)
@@ -230,7 +245,7 @@ def write_results(df: pd.DataFrame, base: Optional[dict], results: str | Path, c
     if base is not None:
         write_json(results / "base.json", base)
     df.to_csv(results / "summary.csv", index=False, float_format="%.4f")
-    (results / "summary.md").write_text(markdown(df, base, command, wall_s, settings))
+    (results / "summary.md").write_text(markdown(df, base, command, wall_s, settings, records))
     write_provenance(results, command, ["summary.csv", "summary.md"] + (["base.json"] if base is not None else []))
 
 
@@ -283,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                              "ratio", "refresh_every", "warmup_steps", "probe_steps",
                                              "freeze_embeddings", "precision", "threads")}
     settings["workers"] = args.workers
-    write_results(df, base, results, command, wall, settings=settings)
+    write_results(df, base, results, command, wall, settings=settings, records=records)
     print(table2_frame(df).round(3).to_string())
     print(f"grid wall time {wall / 60:.1f} min; wrote {results}/summary.csv and summary.md" if wall else
           f"wrote {results}/summary.csv and summary.md")
