@@ -10,7 +10,11 @@ Per protocol, the metrics that make it meaningful (all in epi.metrics):
                and seesaw against the single-task references of the same seed (when a reference run exists);
   forgetting — per task: forgetting = base score − final score (positive = forgot) for the tasks not trained,
                learning = final − base for the trained ones;
-  sequential — the CPI-FT Table 2 shape: forgetting of A (score on A after A − after B) and learning of B.
+  sequential — the CPI-FT Table 2 shape: forgetting of A (score on A after A − after B), retention of A
+               (after B / after A, epi.analysis.metrics.retention) and learning of B.
+
+Every row carries `n_prompts` (evaluation prompts per task), and every summary table states the prompt-level
+standard error of its scores at that count (epi.analysis.tables.prompt_se_line).
 """
 from __future__ import annotations
 
@@ -22,14 +26,14 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from . import metrics
-from .tables import mean_sd_cell
+from .tables import mean_sd_cell, prompt_se_line
 
 log = logging.getLogger(__name__)
 
 MIN_REFERENCE = 0.05
 REQUIRED = ("protocol", "method", "profile", "tasks")  # config fields every row needs
 # row columns that name a run rather than measure it (never averaged in a summary table)
-ID_COLUMNS = ("protocol", "method", "variant", "seed", "base_seed", "profile", "wall_s")
+ID_COLUMNS = ("protocol", "method", "variant", "seed", "base_seed", "profile", "n_prompts", "wall_s")
 
 
 def _problem(rec) -> Optional[str]:
@@ -85,6 +89,9 @@ def run_row(rec: dict, references: Optional[Dict[str, float]] = None) -> dict:
     row["base_seed"] = rec["seed"] if cfg.get("base_seed") is None else cfg["base_seed"]
     tasks = cfg["tasks"]
     final = rec["final_scores"]
+    counts = [s.get("n") for t, s in (rec.get("base_scores") or {}).items() if t in tasks and isinstance(s, dict)]
+    # prompts per task: as evaluated (a hub split may hold fewer than eval_records), else as configured
+    row["n_prompts"] = min(counts) if counts and None not in counts else cfg.get("eval_records")
     for t in tasks:
         row[f"score_{t}"] = final[t]
     row["mean_score"] = sum(final[t] for t in tasks) / len(tasks)
@@ -112,7 +119,10 @@ def run_row(rec: dict, references: Optional[Dict[str, float]] = None) -> dict:
         s = rec["stage_scores"]
         t2 = metrics.table2(a_after_a=s[0][a]["score"], a_after_b=s[1][a]["score"],
                             b_after_a=s[0][b]["score"], b_after_b=s[1][b]["score"], a_before=base[a])
-        row["forgetting_A"], row["learning_B"], row["learning_A"] = t2["forgetting_A"], t2["learning_B"], t2["learning_A"]
+        row["forgetting_A"] = t2["forgetting_A"]
+        # A after B / A after A, next to the absolute forgetting; nan when A was never learnt
+        row["retention_A"] = metrics.retention(a_after_a=s[0][a]["score"], a_after_b=s[1][a]["score"])
+        row["learning_B"], row["learning_A"] = t2["learning_B"], t2["learning_A"]
     general = rec.get("general") or []
     if general:  # general ability (epi.experiments.general): loss increase over the run and the final KL to the start
         row["general_loss_increase"] = general[-1]["general_loss"] - general[0]["general_loss"]
@@ -125,11 +135,14 @@ def run_row(rec: dict, references: Optional[Dict[str, float]] = None) -> dict:
     return row
 
 
-def summary_table(df: pd.DataFrame, digits: int = 2) -> str:
-    """Return a markdown table per protocol: method × (score and metric columns), mean ± sd over seeds.
+def summary_table(df: pd.DataFrame, digits: int = 2, n_prompts: Optional[int] = None) -> str:
+    """Return a markdown table per protocol: method × (score and metric columns), mean ± sd over seeds, each
+    followed by its prompt-level standard error line (`prompt_se_line`).
 
-    With a "variant" column (compare's runs of one method with different settings), each variant is its own
-    row, labelled by the settings that tell it apart."""
+    The prompt count is `n_prompts`, else the frame's "n_prompts" column (run_row's; the smallest when runs
+    differ); a frame with neither says that the line cannot be computed. With a "variant" column (compare's
+    runs of one method with different settings), each variant is its own row, labelled by the settings that
+    tell it apart."""
     parts = []
     keys = ["method", "variant"] if "variant" in df else ["method"]
     for protocol, sub in df.groupby("protocol", sort=False):
@@ -142,6 +155,10 @@ def summary_table(df: pd.DataFrame, digits: int = 2) -> str:
             name = f"{method} ({variant})" if variant else method
             cells = [mean_sd_cell(g[c].tolist(), digits) for c in cols]
             lines.append(f"| {name} | {len(g)} | " + " | ".join(cells) + " |")
+        n = n_prompts if n_prompts is not None else (
+            int(sub["n_prompts"].min()) if "n_prompts" in sub and sub["n_prompts"].notna().any() else None)
+        task_means = [sub[c].mean() for c in sub.columns if c.startswith("score_") and sub[c].notna().any()]
+        lines += ["", prompt_se_line(n, task_means)]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

@@ -1,4 +1,5 @@
-"""Markdown tables for summaries and reports: a DataFrame, a list of claims, a mean ± sd cell.
+"""Markdown tables for summaries and reports: a DataFrame, a list of claims, a mean ± sd cell, and the line that
+states a table's prompt-level standard error.
 
 The notebooks print pandas tables for reading and pass these markdown strings to `write_summary`, so the
 report shows the same numbers with the same rounding.
@@ -9,6 +10,7 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
+from . import stats
 from .metrics import mean_sd
 
 MISSING = "–"  # a cell with no value to show (a method not run, a statistic with no finite values)
@@ -49,3 +51,25 @@ def mean_sd_cell(values: Sequence, digits: int = 2) -> str:
     is left: the cell of a method × column table where some runs lack the column."""
     kept = [float(v) for v in values if v is not None and not pd.isna(v)]
     return mean_sd(kept, digits) if kept else MISSING
+
+
+def prompt_se_line(n_prompts: Optional[int], task_scores: Sequence[float] = ()) -> str:
+    """Return the caption line that states a table's prompt-level standard error at `n_prompts` per task.
+
+    The se of one task score is `epi.analysis.stats.score_se` (Agresti–Coull) at the mean of `task_scores`
+    (at 0.5, its largest, when none are given); the se of the mean over the tasks is `stats.mean_score_se` at
+    those scores. A difference of two runs carries up to √2 times these (less when the same prompts pair them).
+    Without a prompt count the line says so rather than guess one."""
+    if n_prompts is None:
+        return "_prompt-level se: not stated (no prompt count for this table; pass n_prompts)_"
+    kept = [float(v) for v in task_scores if v is not None and not pd.isna(v)]
+    if not kept:
+        return (f"_prompt-level se of a task score at {n_prompts} prompts ≤ {stats.score_se(0.5, n_prompts):.3f} "
+                "(at score 0.5, its largest); a difference of two runs: up to √2 × that, less where shared prompts "
+                "pair them_")
+    one = stats.score_se(sum(kept) / len(kept), n_prompts)
+    line = f"_prompt-level se of a task score at {n_prompts} prompts ≈ {one:.3f}"
+    if len(kept) > 1:
+        line += f", of the mean over {len(kept)} tasks ≈ {stats.mean_score_se(kept, n_prompts):.3f}"
+    return line + (" (at this table's mean scores); a difference of two runs: up to √2 × these, less where shared "
+                   "prompts pair them_")
