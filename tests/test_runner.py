@@ -92,8 +92,9 @@ def test_cli_rejects_a_bad_config_with_a_clear_message(tmp_path):
 
 
 def test_a_finished_run_with_other_settings_is_not_reused(runs):
-    cfg = resolve("smoke", method="full_sft", seed=0, **{**SMOKE, "lr": 5e-4})
-    with pytest.raises(ValueError, match="other settings.*lr"):
+    # (another lr is an arm with a folder of its own: tests/test_controls.py)
+    cfg = resolve("smoke", method="full_sft", seed=0, **{**SMOKE, "weight_decay": 0.05})
+    with pytest.raises(ValueError, match="other settings.*weight_decay"):
         run_experiment(cfg, runs)
 
 

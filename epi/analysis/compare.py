@@ -84,7 +84,8 @@ def reference_scores(runs: List[dict]) -> Dict[int, Dict[str, float]]:
 def run_row(rec: dict, references: Optional[Dict[str, float]] = None) -> dict:
     """Return one flat row of scores and metrics for a results record."""
     cfg = rec["config"]
-    row = {"protocol": cfg["protocol"], "method": cfg["method"], "seed": rec["seed"], "profile": cfg["profile"]}
+    row = {"protocol": cfg["protocol"], "method": rec.get("arm") or cfg["method"],  # an arm: "full_sft@lr=0.0003"
+           "seed": rec["seed"], "profile": cfg["profile"]}
     # the start model's seed (ExperimentConfig.start_seed): seeds that share a base form a block
     row["base_seed"] = rec["seed"] if cfg.get("base_seed") is None else cfg["base_seed"]
     tasks = cfg["tasks"]

@@ -303,14 +303,25 @@ class EvolvingIsolation:
 
         masks: {name: bool tensor} or a list aligned with the isolatable tensors. Stops refreshing.
         """
-        if isinstance(masks, dict):
-            missing = [n for n in self.names if n not in masks]
-            if missing:
-                raise ValueError(f"set_masks: missing masks for {missing[:3]}{'...' if len(missing) > 3 else ''}")
-            masks = [masks[n] for n in self.names]
-        masks = [m.to(dtype=torch.bool, device=local(p).device).reshape(local(p).shape)
-                 for m, p in zip(masks, self.params)]
-        self._install({key: masks})
+        self.set_sets({key: masks})
+
+    @torch.no_grad()
+    def set_sets(self, sets: Dict[str, object]) -> None:
+        """Fix the protected sets of several scope keys at once (per-task scope: {task: masks}).
+
+        Each value is what set_masks takes. The sets given replace every set in force and stop refreshing; an
+        empty dict protects nothing until the next call (the engine no longer refreshes from its importance).
+        """
+        installed = {}
+        for key, masks in sets.items():
+            if isinstance(masks, dict):
+                missing = [n for n in self.names if n not in masks]
+                if missing:
+                    raise ValueError(f"set_masks: missing masks for {missing[:3]}{'...' if len(missing) > 3 else ''}")
+                masks = [masks[n] for n in self.names]
+            installed[key] = [m.to(dtype=torch.bool, device=local(p).device).reshape(local(p).shape)
+                              for m, p in zip(masks, self.params)]
+        self._install(installed)
         self._forced = True
 
     def set_scores(self, scores, key: str = "global") -> None:

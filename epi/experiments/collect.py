@@ -41,7 +41,8 @@ def _variants(runs: List[dict]) -> List[str]:
     labels = [""] * len(runs)
     by_method: Dict[tuple, List[int]] = {}
     for i, r in enumerate(runs):
-        by_method.setdefault((r["config"]["protocol"], r["config"]["method"]), []).append(i)
+        arm = r.get("arm") or r["config"]["method"]  # an arm (another lr) is a method of its own, never pooled with it
+        by_method.setdefault((r["config"]["protocol"], arm), []).append(i)
     for (protocol, method), idx in by_method.items():
         sets = [settings(runs[i]) for i in idx]
         keys = sorted({k for s in sets for k in s if any(s.get(k) != t.get(k) for t in sets)})

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional
 
 from ..engine.config import EPIConfig
+from ..methods.hft import HFT_ROUNDS, HFT_UNITS
 from ..methods.registry import METHODS, MIX_ONLY
 from ..tasks import ABILITIES, REAL_TASKS
 from ..tasks.synthetic import DIFFICULTIES
@@ -28,6 +29,12 @@ PROTOCOLS = ("mix", "forgetting", "sequential", "reference")
 # writes --set refresh_every=0); the engine spells the same thing refresh_every=None (EPIConfig), and
 # ExperimentConfig.epi_config converts between the two.
 NEVER_REFRESH = 0
+# the methods whose random sets `random_refresh` re-draws on EPI's schedule (epi.methods.random_mask)
+REDRAWN = ("random_global", "random_per_task")
+# a run's own arm beyond its method: the settings that, away from the profile's default, name it (ExperimentConfig.arm)
+# and tag its folder; lr for every method, each variant option for the methods it shapes
+ARM_SETTINGS = {"lr": (None, lambda v: f"lr{v!r}"), "random_refresh": (REDRAWN, lambda v: "redraw"),
+                "hft_unit": (("hft",), lambda v: f"unit_{v}"), "hft_round": (("hft",), lambda v: f"round_{v}")}
 # what each annotated type of a setting accepts (checked for every field, before any range check)
 _KINDS = {"int": "an int", "float": "a finite number", "bool": "true or false", "str": "a non-empty string",
           "List[str]": "a list of names (on the command line: comma-separated)"}
@@ -104,6 +111,11 @@ class ExperimentConfig:
     replay_fraction: float = 0.2            # replay: share of batches drawn from earlier tasks
     random_ratio: Optional[float] = None    # random: protected share; None = match `random_match`'s realised share
     random_match: str = "epi_per_task"      # random: the method whose realised protected share is matched
+    # random_global / random_per_task (epi.methods.random_mask): sets re-drawn every refresh_every steps after
+    # warm-up, EPI's refresh schedule (True), or fixed from the end of warm-up (False)
+    random_refresh: bool = False
+    hft_unit: str = "matrix"                # hft: "matrix" (half of each block's attention / FFN matrices) | "element"
+    hft_round: str = "stage"                # hft: a new half each stage ("stage") or also every refresh_every steps
     base_steps: int = 2000                  # tiny-base pre-training steps (general mix of the abilities)
     # the seed of the tiny-base start model (epi.experiments.base_build); None = `seed`. Only the base follows it:
     # data order, engine and evaluation stay on `seed`, so training seeds can share one cached base (a build
@@ -135,6 +147,8 @@ class ExperimentConfig:
         _choice("protocol", self.protocol, PROTOCOLS)
         _choice("method", self.method, tuple(sorted(METHODS)))
         _choice("random_match", self.random_match, tuple(sorted(METHODS)))
+        _choice("hft_unit", self.hft_unit, HFT_UNITS)
+        _choice("hft_round", self.hft_round, HFT_ROUNDS)
         _choice("difficulty", self.difficulty, DIFFICULTIES)
         _choice("precision", self.precision, PRECISIONS)
         if self.method in MIX_ONLY and self.protocol != "mix":
@@ -181,6 +195,12 @@ class ExperimentConfig:
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio!r}")
         if self.random_ratio is not None and not 0 < self.random_ratio < 1:
             raise ValueError(f"random_ratio must be in (0, 1) or null, got {self.random_ratio!r}")
+        redraws = ((self.random_refresh and self.method in REDRAWN)
+                   or (self.hft_round == "refresh" and self.method == "hft"))
+        if self.refresh_every == NEVER_REFRESH and redraws:
+            what = "random_refresh=true" if self.method in REDRAWN else "hft_round='refresh'"
+            raise ValueError(f"{what} re-draws every refresh_every steps, but refresh_every is 0 (never); "
+                             "set refresh_every > 0 or drop the re-draw")
         if not 0 <= self.replay_fraction < 1:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
         for name in ("group_tau", "slerp_weight"):
@@ -207,9 +227,26 @@ class ExperimentConfig:
         """Return the seed of the tiny-base start model: base_seed, or seed when base_seed is None."""
         return self.seed if self.base_seed is None else self.base_seed
 
+    def arm_settings(self) -> Dict[str, object]:
+        """Return {setting: value} of ARM_SETTINGS that apply to this run's method and differ from its profile's
+        default: an lr that is not the profile's makes a learning-rate arm (e.g. full SFT at a lower lr)."""
+        defaults = {f.name: f.default for f in fields(self) if f.name in ARM_SETTINGS}
+        defaults.update({k: v for k, v in PROFILES[self.profile].items() if k in ARM_SETTINGS})
+        return {k: getattr(self, k) for k, (methods, _) in ARM_SETTINGS.items()
+                if (methods is None or self.method in methods) and getattr(self, k) != defaults[k]}
+
+    @property
+    def arm(self) -> str:
+        """Return this run's method label: the method, or the method with its arm settings ("full_sft@lr=0.0003"),
+        so that pairing runs by (label, seed) keeps arms apart; the results record stores it ("arm")."""
+        extra = self.arm_settings()
+        return self.method + ("@" + ",".join(f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in extra.items()) if extra else "")
+
     @property
     def run_name(self) -> str:
-        """Folder name of this run: protocol-method-seed (train tasks named for forgetting)."""
+        """Folder name of this run: protocol-method-seed (train tasks named for forgetting; an arm's settings
+        after the method, e.g. mix-full_sft-lr0.0003-s0)."""
         extra = "+".join(self.train_tasks) if self.protocol == "forgetting" else (
             "-".join(self.tasks) if self.protocol == "sequential" else "")
         default_model = PROFILES[self.profile].get("model", "tiny-base")
@@ -217,8 +254,9 @@ class ExperimentConfig:
         general = "general" if self.general_eval else ""
         monitor = "monitor" if self.monitor or self.snapshots else ""
         base = f"b{self.base_seed}" if self.start_seed != self.seed else ""  # a base shared with other seeds
-        return "-".join(x for x in (self.protocol, extra, model, general, monitor, self.method, f"s{self.seed}", base)
-                        if x)
+        arm = [ARM_SETTINGS[k][1](v) for k, v in self.arm_settings().items()]  # after the method: an arm's own folder
+        return "-".join(x for x in (self.protocol, extra, model, general, monitor, self.method, *arm, f"s{self.seed}",
+                                    base) if x)
 
 
 # Profile overrides of the defaults (the `cpu` profile is the dataclass defaults but for base_seed).

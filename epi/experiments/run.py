@@ -362,6 +362,7 @@ class Run:
         record["mask_digest"] = self.engine.mask_digest() if self.engine is not None else None
         record["engine_memory"] = self.engine.memory_bytes() if self.engine is not None else None
         record.update(self.method.record_extra())
+        record["arm"] = cfg.arm  # the method label: an arm (e.g. another lr) is paired as a method of its own
         record["wall_s"] = round(time.time() - t0, 1)
         record["peak_memory_mb"] = round(peak_memory_mb(), 1)
         return record

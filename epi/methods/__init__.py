@@ -5,7 +5,8 @@
   staging.py      full_sft, sequential, multi_stage, multi_stage_heuristic: stagings, no isolation
   static.py       static: the CPI-FT pipeline (its pieces — cores, grouping, fusion — in cpift.py)
   evolving.py     epi, epi_per_task: the engine refreshing its mask (global / per-task scope)
-  random_mask.py  random: a random mask of matched size (the control)
+  random_mask.py  random, random_global, random_per_task: random masks matched in size and structure (controls)
+  hft.py          hft: Half Fine-Tuning, a random half frozen per stage/round
   ewc.py          ewc: online EWC
   replay.py       replay: experience replay
 

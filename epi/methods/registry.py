@@ -10,14 +10,17 @@ from typing import Dict
 from .base import Method
 from .evolving import EPI, EPIPerTask
 from .ewc import EWC
-from .random_mask import RandomMask
+from .hft import HFT
+from .random_mask import RandomGlobal, RandomMask, RandomPerTask
 from .replay import Replay
 from .staging import FullSFT, MultiStage, MultiStageHeuristic, Sequential
 from .static import Static
 
-# baselines, the stagings, static isolation, EPI (both scopes), the random control, continual-learning baselines
+# baselines, the stagings, static isolation, EPI (both scopes), the random controls (count-matched, then matched to
+# EPI global and per-task) and HFT, continual-learning baselines
 METHODS: Dict[str, type] = {m.name: m for m in (FullSFT, MultiStage, MultiStageHeuristic, Static, EPI, EPIPerTask,
-                                                  RandomMask, EWC, Replay, Sequential)}
+                                                  RandomMask, RandomGlobal, RandomPerTask, HFT, EWC, Replay,
+                                                  Sequential)}
 MIX_ONLY = tuple(name for name, method in METHODS.items() if method.mix_only)
 
 
