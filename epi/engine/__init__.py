@@ -6,6 +6,7 @@
   isolation.py   Isolator: keeps protected coordinates exactly unchanged around optimizer.step()
   core.py        EvolvingIsolation: the three parts behind `attach`, `observe`, `state_dict`
   backends.py    what DDP / FSDP2 need, and the refusal of FSDP1 / DeepSpeed
+  burst.py       the release burst: a released coordinate's first Adam step vs a normal one (measured, closed form)
 
 The engine imports nothing else from epi: every other layer builds on it.
 """

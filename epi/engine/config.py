@@ -17,7 +17,9 @@ SCORES = ("fisher", "taylor", "grad", "delta")
 SCOPES = ("global", "per_task")
 NORMALIZERS = ("none", "layer_mean", "layer_max")
 QUOTAS = ("global", "per_tensor")
-MODES = ("auto", "grad", "restore")
+MODES = ("auto", "grad", "restore", "literal")
+# what Adam's moments hold on the first step after a release: as protection left them, or a fresh coordinate's
+RELEASE_MOMENTS = ("keep", "floor_v", "fresh")
 IMPORTANCE_DTYPES = ("float32", "bfloat16")
 MASK_FORMATS = ("bool", "index")
 NONFINITE = ("raise", "skip")
@@ -65,15 +67,36 @@ class EPIConfig:
     warmup_steps: steps of tracking before the first mask (no isolation before it).
     normalize: per-tensor normaliser applied before the global ranking ("layer" = one parameter tensor).
     scope: "global" — one EMA over the mixed stream; "per_task" — one EMA per task, and a batch of task t
-        is isolated by the union of the *other* tasks' top-p sets, so a task never blocks itself.
+        is isolated by the union of the *other* tasks' top-p sets, so a task never blocks itself. A task's EMA
+        moves only on its own batches: in a sequential run (A, then B) A's EMA is frozen during B, so every
+        refresh during B rebuilds the same A set and B trains under a *static* mask (no live variant exists
+        without A's gradients; docs/EXACTNESS.md).
     quota: "global" — one threshold across all tensors (the paper); "per_tensor" — top-p inside each tensor.
     hysteresis: h ≥ 0; a protected coordinate is released only when it leaves the top-(p+h) set.
-    mode: "grad" — zero gradients, zero exp_avg on newly protected coordinates and apply decoupled
-        weight decay to free coordinates only (torch Adam/AdamW); "restore" — stash protected values
-        before step() and write them back after (any optimizer); "auto" — grad for torch Adam/AdamW in
-        global scope, restore otherwise (per-task masks switch with the task). Closest to the paper's
-        write-up: restore with mask_grads=False (moments run on the true gradient; docs/EXACTNESS.md).
+    mode: how protected coordinates stay exactly unchanged, and what Adam's moments of a protected coordinate see
+        (docs/EXACTNESS.md has the table). All four are exact (a protected weight moves 0.0):
+        "grad" (torch Adam/AdamW) — gradients zeroed; exp_avg set to 0 on protected coordinates whenever the
+            mask changes (a moment *reset*: m = 0, then stays 0) and decoupled weight decay applied to free
+            coordinates only; v decays on the zero gradient;
+        "restore" (any optimizer) — protected values stashed before step() and written back after; with
+            mask_grads=True (its default) the moments are fed the zeroed gradient, so m and v *decay*
+            (nothing is reset) and the clip norm covers free coordinates only;
+        "literal" — restore with the true gradient (mask_grads=False): the moments *keep running* and only
+            the final update, weight decay included, is masked — the EPI write-up read literally; the clip norm
+            covers every coordinate;
+        "auto" (default) — grad for torch Adam/AdamW in global scope with bool masks, restore otherwise
+            (per-task masks switch with the task). Neither default is the literal reading.
     mask_grads: zero protected gradients in observe() (so clipping and the moments see masked gradients).
+        None (default) = the mode's own: True, except False for "literal" (which refuses True). mode="restore"
+        with mask_grads=False runs exactly what "literal" runs.
+    release_moments: Adam's moments of a coordinate on its first step after a release (torch Adam/AdamW);
+        released = protected in the previous optimizer step, free in this one (per-task scope: also at a switch
+        of task). "keep" (default): as protection left them. m ≈ 0 (reset or decayed) and v decayed, so the first
+        step is damped after short protections and up to (1 − β₁)/√(1 − β₂) times a normal step after long ones
+        (3.2× at β₂ = 0.999, after thousands of protected steps; epi.engine.burst measures it).
+        "floor_v": v raised to what a new coordinate with this gradient holds (v̂ ≥ g²), m kept — tempers the
+        burst and never enlarges a step. "fresh": m and v set as a new coordinate's (m̂ = g, v̂ = g²), a sign-
+        sized step lr·g/(|g| + ε) — larger than "keep" after short protections.
     importance_dtype / mask_format: "float32" + "bool" (default) or "bfloat16" + "index" (lean memory).
         bfloat16 importance is stored by seeded stochastic rounding, so its EMA is unbiased at every β (rounded
         to nearest it stopped moving at β = 0.999); each coordinate carries rounding noise that grows with β
@@ -106,7 +129,8 @@ class EPIConfig:
     quota: str = "global"
     hysteresis: float = 0.0
     mode: str = "auto"
-    mask_grads: bool = True
+    mask_grads: Optional[bool] = None  # None: the mode's own (True; False for "literal")
+    release_moments: str = "keep"
     importance_dtype: str = "float32"
     mask_format: str = "bool"
     targets: str = "blocks"
@@ -125,9 +149,15 @@ class EPIConfig:
         # Every field is checked for type, range and finiteness, and normalised to a plain Python value
         # (numpy scalars from a sweep become int/float/bool, so to_dict() stays JSON-friendly).
         for name, allowed in (("score", SCORES), ("scope", SCOPES), ("normalize", NORMALIZERS), ("quota", QUOTAS),
-                              ("mode", MODES), ("importance_dtype", IMPORTANCE_DTYPES),
+                              ("mode", MODES), ("release_moments", RELEASE_MOMENTS),
+                              ("importance_dtype", IMPORTANCE_DTYPES),
                               ("mask_format", MASK_FORMATS), ("targets", TARGETS), ("nonfinite", NONFINITE)):
             _choice(name, getattr(self, name), allowed)
+        if self.mask_grads is None:
+            self.mask_grads = self.mode != "literal"
+        elif self.mode == "literal" and self.mask_grads is True:
+            raise ValueError("mode='literal' runs Adam's moments on the true gradient, so mask_grads must be False or "
+                             "left unset; for moments fed the masked gradient use mode='restore'")
         for name in ("mask_grads", "include_embeddings", "include_head", "include_norms", "track_first",
                      "check_finite", "isolate"):
             setattr(self, name, _flag(name, getattr(self, name)))

@@ -243,7 +243,12 @@ class EvolvingIsolation:
         return self._active_cache[key]
 
     def protected_for(self, task: Optional[str]) -> List[torch.Tensor]:
-        """Return bool masks protected for a batch of `task`: the union of the other tasks' sets."""
+        """Return bool masks protected for a batch of `task`: the union of the other tasks' sets.
+
+        A task's set comes from its own EMA, which moves only on that task's batches. In a sequential run
+        (A, then B) A's EMA is frozen during B, so every refresh rebuilds the same A set and B's batches are
+        isolated by a static mask, however often the engine refreshes.
+        """
         if not self.sets:
             return [torch.zeros_like(local(p), dtype=torch.bool) for p in self.params]
         if "global" in self.sets:

@@ -8,8 +8,16 @@ still move it. Two exact recipes (docs/EXACTNESS.md):
   taken over by the isolator and applied to free coordinates only (the group's weight_decay is set to 0
   and the original kept under "epi_weight_decay", so optimizer.state_dict() round-trips).
 * "restore" mode (any optimizer): protected values are stashed before step() and written back after.
-  The moments see what observe() left: zeros with mask_grads=True (the default), the true gradient with
-  mask_grads=False — the literal reading of the paper's write-up ("mask the final delta, incl. weight decay").
+  The moments see what observe() left: zeros with mask_grads=True (restore's default), so m and v decay;
+  the true gradient with mask_grads=False.
+* "literal" = restore with mask_grads=False: the moments keep running on the true gradient and only the final
+  update, weight decay included, is masked — the literal reading of the paper's write-up. The isolator runs
+  it as "restore" (its `mode`); the config keeps the name.
+
+release_moments (Adam/AdamW) changes the moments of a coordinate on its first step after a release:
+"floor_v" raises v to what a new coordinate with this gradient would hold (v̂ ≥ g², m kept), which can only
+shrink that step; "fresh" sets m and v as a new coordinate's (m̂ = g, v̂ = g²: a step of lr·g/(|g| + ε)).
+docs/EXACTNESS.md, "The release burst".
 """
 from __future__ import annotations
 
@@ -33,6 +41,8 @@ def resolve_mode(mode: str, optimizer: torch.optim.Optimizer, scope: str, mask_f
     if mode == "grad" and not isinstance(optimizer, _ADAM):
         raise ValueError(f"mode='grad' is exact only for torch.optim.Adam/AdamW, got {type(optimizer).__name__}; "
                          "use mode='restore' (exact for any optimizer)")
+    if mode == "literal":  # restore's mechanism; observe() leaves the gradients unmasked (mask_grads=False)
+        return "restore"
     if mode != "auto":
         return mode
     if isinstance(optimizer, _ADAM) and scope == "global" and mask_format == "bool":
@@ -55,6 +65,10 @@ class Isolator:
         self.optimizer = optimizer
         cfg = engine.config
         self.mode = resolve_mode(cfg.mode, optimizer, cfg.scope, cfg.mask_format, cfg.isolate)
+        if cfg.release_moments != "keep" and cfg.isolate and not isinstance(optimizer, _ADAM):
+            raise ValueError(f"release_moments={cfg.release_moments!r} sets Adam's moments, so it needs "
+                             f"torch.optim.Adam/AdamW, got {type(optimizer).__name__}; use release_moments='keep'")
+        self._released_from: Optional[list] = None  # bool masks protected at the last step (release_moments)
         self.coupled_decay = isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW)
         self._stash: Optional[List[torch.Tensor]] = None
         self._skipped = False  # this step's gradients were dropped (nonfinite="skip"): the step did not happen
@@ -106,6 +120,8 @@ class Isolator:
         elif active is not None:
             self._stash = [local(p).reshape(-1).index_select(0, idx) if idx.numel() else None
                            for p, idx in zip(eng.params, active.index)]
+        if eng.config.release_moments != "keep":  # after grad mode's decay: Adam's L2 term is in the gradient
+            self._on_release(active)
 
     def _refuse_nonfinite(self) -> None:
         """Raise (nonfinite="raise") or drop every gradient so that step() changes nothing ("skip")."""
@@ -133,6 +149,45 @@ class Isolator:
                     local(p).reshape(-1).index_put_((idx,), vals)
             self._stash = None
         eng._after_step()
+
+    # ---- release_moments ------------------------------------------------------------------------------
+    def _on_release(self, active) -> None:
+        """Set Adam's moments of the coordinates released since the last step: "fresh" — as a new coordinate's
+        on its first step (m̂ = g, v̂ = g²); "floor_v" — v raised to at least that (v̂ ≥ g²), m kept."""
+        eng = self.engine
+        fresh = eng.config.release_moments == "fresh"
+        now = None if active is None else (active.protected if active.protected is not None
+                                           else eng._bools(active.index))
+        before, self._released_from = self._released_from, now  # masks are replaced on change, never edited
+        if before is None:
+            return
+        for group in self.optimizer.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                slot = self._slot.get(id(p))
+                state = self.optimizer.state.get(p)
+                if slot is None or p.grad is None or not state or "exp_avg" not in state:
+                    continue  # no state yet: the first step is a fresh one anyway
+                released = before[slot] if now is None else before[slot] & ~now[slot]
+                if not bool(released.any()):
+                    continue
+                g = local(p.grad)
+                if self.coupled_decay and self.mode == "restore" and group["weight_decay"]:
+                    g = g + local(p) * group["weight_decay"]  # Adam adds its L2 term to the gradient inside step()
+                if group.get("maximize", False):
+                    g = -g
+                t = float(state["step"]) + 1  # the step count Adam's bias correction will use in this step
+                # with m = (1−β₁ᵗ⁻¹)g before it, this step leaves m = β₁·m + (1−β₁)g = (1−β₁ᵗ)g: m̂ = g (v alike)
+                v = g[released].square() * (1 - b2 ** (t - 1))
+                exp_avg_sq = local(state["exp_avg_sq"])
+                if fresh:
+                    local(state["exp_avg"])[released] = g[released] * (1 - b1 ** (t - 1))
+                else:  # floor_v: only ever raises v, so the step can only shrink
+                    v = torch.maximum(exp_avg_sq[released], v)
+                exp_avg_sq[released] = v
+                if "max_exp_avg_sq" in state:  # amsgrad: the running max restarts at (fresh) or above (floor) v
+                    old = local(state["max_exp_avg_sq"])
+                    old[released] = v if fresh else torch.maximum(old[released], v)
 
     # ---- grad-mode pieces ----------------------------------------------------------------------------
     def _clean_moments(self, active) -> None:

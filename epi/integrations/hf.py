@@ -2,23 +2,32 @@
 
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=TaskCollator(collate),
                       callbacks=[EPICallback(EPIConfig(ratio=0.05, scope="per_task"))])
-    class MyTrainer(EPITrainerMixin, Trainer): ...          # masks *before* gradient clipping
+    class MyTrainer(EPITrainerMixin, Trainer): ...          # the same, logging the masked grad_norm
     trainer = MyTrainer(model=model, args=args, ..., epi_config=EPIConfig(...))
 
-Where each piece happens in `Trainer._run_epoch` (transformers 5.24):
+Both routes run the suite loop's order by default — importance and gradient mask, *then* clipping, then
+`optimizer.step()` (epi.training.loop) — so the HF and CPU paths run one algorithm (tests/test_hf.py checks
+bit-identical weights against `train_steps` with clipping active). Where each piece happens in
+`Trainer._run_epoch` (transformers 5.24; 4.x clips inline at the same place):
 
   micro-batch forward  — a forward pre-hook on the model pops the "task" entry of the batch (or calls
                          `task_fn(inputs)`) and records it; the model never sees the key;
-  sync step            — `_clip_grad_norm` → `on_pre_optimizer_step` → `optimizer.step()`.
-    * EPICallback: `on_pre_optimizer_step` fixes the step's task; the engine's optimizer pre-step hook
-      then observes (importance + gradient mask) inside `optimizer.step()`: after clipping, so the clip
-      norm saw unmasked gradients, and after a GradScaler has unscaled and checked them (an overflow step
-      never reaches the optimizer, so it is neither scored nor counted).
-    * EPITrainerMixin: overrides `Trainer._clip_grad_norm` to observe first (unscaling first under a
-      GradScaler), so the clip norm and the logged `grad_norm` cover free coordinates only. With
-      `max_grad_norm=0` the Trainer never calls `_clip_grad_norm`, and the callback route applies.
-    Either way the engine's step hooks keep protected coordinates exact (0.0 drift, AdamW included),
-    once per optimizer step on the accumulated gradient.
+  sync step            — `on_step_begin` (first micro-batch) … `_clip_grad_norm` → `on_pre_optimizer_step`
+                         → `optimizer.step()` → `on_optimizer_step` → `on_step_end`.
+    * EPICallback (clip="before", the default): the Trainer clips *before* any callback runs, so the
+      callback takes clipping over for the step: `on_step_begin` sets `args.max_grad_norm` to 0 (the
+      Trainer then skips its clip) and `on_step_end` puts it back; `on_pre_optimizer_step` unscales under
+      a GradScaler, observes (importance + mask) and clips at the user's max_grad_norm. The Trainer's
+      logged `grad_norm` is then the norm before masking and clipping. Only during a step does
+      `args.max_grad_norm` read 0 (checkpoints store the user's value); an exception inside a step leaves it 0.
+    * EPICallback(clip="after"): the earlier behaviour — the Trainer clips the unmasked gradients and the
+      engine's optimizer pre-step hook observes inside `optimizer.step()`, after the GradScaler's check
+      (an overflow step never reaches the engine). Clip scale and importance then differ from the loop's.
+    * EPITrainerMixin: overrides `Trainer._clip_grad_norm` (transformers 5) to observe first (unscaling
+      first under a GradScaler), so the logged `grad_norm` covers free coordinates only. Where that method
+      does not exist (4.x) or `max_grad_norm=0`, its callback does the work as above.
+    Every route keeps protected coordinates exact through the engine's step hooks (0.0 drift, AdamW
+    included), once per optimizer step on the accumulated gradient.
   checkpoint           — `on_save` writes `epi_state.pt` (`epi_state_rank{r}.pt` when world_size > 1)
                          into `output_dir/checkpoint-{step}`; `train(resume_from_checkpoint=...)` restores it
                          at `on_train_begin` (see `EPICallback` for where it looks).
@@ -52,6 +61,7 @@ __all__ = ["TASK_KEY", "EPICallback", "EPITrainerMixin", "TaskCollator", "base_o
            "unwrap_model"]
 
 TASK_KEY = "task"
+CLIP_POINTS = ("before", "after")  # where EPICallback masks, relative to the gradient clipping
 TaskFn = Callable[[Mapping[str, Any]], str]
 
 
@@ -121,8 +131,10 @@ def _as_tasks(value: Any) -> List[str]:
 
 
 class EPICallback(TrainerCallback):
-    """Runs `EvolvingIsolation` inside an unmodified `transformers.Trainer` (masks after clipping).
+    """Runs `EvolvingIsolation` inside an unmodified `transformers.Trainer`.
 
+    clip: "before" (default) — mask, then clip, as the suite's loop does (the callback clips, see the module
+    docstring); "after" — the Trainer clips the unmasked gradients and the engine masks inside optimizer.step().
     config: the engine's `EPIConfig`. task_fn(inputs) -> str: the task of a batch (default: the batch's
     "task" entry, see `TaskCollator`). resume_from: the checkpoint folder holding the engine state on
     resume; default `args.output_dir/checkpoint-{global_step}`, which is where the Trainer resumes from
@@ -131,7 +143,10 @@ class EPICallback(TrainerCallback):
     """
 
     def __init__(self, config: Optional[EPIConfig] = None, task_fn: Optional[TaskFn] = None, *,
-                 task_key: str = TASK_KEY, resume_from: Optional[str] = None):
+                 task_key: str = TASK_KEY, resume_from: Optional[str] = None, clip: str = "before"):
+        if clip not in CLIP_POINTS:
+            raise ValueError(f"clip must be one of {', '.join(map(repr, CLIP_POINTS))}, got {clip!r}")
+        self.clip = clip
         self.config = config or EPIConfig()
         self.task_fn = task_fn
         self.task_key = task_key
@@ -140,6 +155,8 @@ class EPICallback(TrainerCallback):
         self.get_optimizer: Optional[Callable[[], Any]] = None  # set by EPITrainerMixin: trainer.optimizer
         self._tasks: List[str] = []  # tasks of the micro-batches since the last optimizer step
         self._early = False  # observed before clipping this step (EPITrainerMixin)
+        self._driven = False  # EPITrainerMixin observes inside Trainer._clip_grad_norm: the Trainer keeps clipping
+        self._held: Optional[tuple] = None  # (args, max_grad_norm) while the callback clips a step itself
         self._handle = None
 
     # ---- task identity -------------------------------------------------------------------------------
@@ -211,6 +228,13 @@ class EPICallback(TrainerCallback):
             self.load(self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"),
                       state.global_step)
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        # The Trainer clips right after the last backward, before any callback: hold its max_grad_norm so it
+        # skips the clip, and clip after masking in on_pre_optimizer_step (the suite loop's order).
+        if self.clip == "before" and not self._driven and self._held is None and (args.max_grad_norm or 0) > 0:
+            self._held = (args, args.max_grad_norm)
+            args.max_grad_norm = 0.0
+
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.engine.isolator is None and not self._attach(optimizer):
             raise RuntimeError("EPICallback could not reach the optimizer (the callback got optimizer=None): "
@@ -218,10 +242,38 @@ class EPICallback(TrainerCallback):
         if self._early:  # EPITrainerMixin observed before clipping
             self._early = False
             return
-        # The engine's step pre-hook observes inside optimizer.step() with this task.
-        self.engine.current_task = self._take_task()
+        if self.clip == "after":  # the engine's step pre-hook observes inside optimizer.step() with this task
+            self.engine.current_task = self._take_task()
+            return
+        self._unscale(optimizer)
+        self.engine.observe(self._take_task())
+        if self._held is not None:
+            # the loop's clip: every trainable parameter (one device, DDP, or FSDP2 on one mesh)
+            torch.nn.utils.clip_grad_norm_([p for p in self.engine.model.parameters() if p.requires_grad],
+                                           self._held[1])
+
+    def _unscale(self, optimizer: Any) -> None:
+        """Unscale the gradients once under a GradScaler (importance and clip need true gradients)."""
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer holds the run's scaler
+        if scaler is None or not scaler.is_enabled():
+            return
+        try:
+            scaler.unscale_(base_optimizer(optimizer))
+        except RuntimeError:  # already unscaled this step (transformers 5 computes grad_norm with an unscale)
+            pass
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._release_clip()
+
+    def _release_clip(self) -> None:
+        """Give the Trainer its max_grad_norm back (before it logs, saves or evaluates)."""
+        if self._held is not None:
+            held_args, value = self._held
+            held_args.max_grad_norm = value
+            self._held = None
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._release_clip()
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -255,9 +307,11 @@ class EPITrainerMixin:
     """`class MyTrainer(EPITrainerMixin, Trainer)`: EPI with gradients masked *before* clipping.
 
     Overrides `Trainer._clip_grad_norm` (transformers 5; in 5.24 `_run_epoch` calls it on every sync step
-    when max_grad_norm > 0) to observe first. Transformers 4.x clips inline: the mixin then warns and
-    works as the callback route (masks after clipping). Extra constructor arguments: `epi_config`, `task_fn`;
-    an `EPICallback` passed in `callbacks` is used instead. The engine is `trainer.epi`.
+    when max_grad_norm > 0) to observe first, so the Trainer clips the masked gradients and logs their norm.
+    Transformers 4.x clips inline: its callback then takes the clip over (EPICallback, clip="before"), the
+    same algorithm. Extra constructor arguments: `epi_config`, `task_fn`; an `EPICallback` passed in
+    `callbacks` is used instead (one made with clip="after" keeps masking after the Trainer's clip).
+    The engine is `trainer.epi`.
     """
 
     def __init__(self, *args, epi_config: Optional[EPIConfig] = None, task_fn: Optional[TaskFn] = None, **kwargs):
@@ -267,9 +321,8 @@ class EPITrainerMixin:
         if not found:
             self.add_callback(self.epi_callback)
         self.epi_callback.get_optimizer = lambda: self.optimizer
-        if not hasattr(super(), "_clip_grad_norm"):
-            log.warning("EPITrainerMixin: this transformers version has no Trainer._clip_grad_norm; gradients "
-                        "are masked after clipping (the EPICallback route)")
+        # transformers 5: the mixin observes inside _clip_grad_norm; 4.x: its callback clips (same algorithm)
+        self.epi_callback._driven = hasattr(super(), "_clip_grad_norm")
 
     @property
     def epi(self) -> Optional[EvolvingIsolation]:
@@ -283,6 +336,8 @@ class EPITrainerMixin:
 
     def _clip_grad_norm(self, model):
         cb, acc = self.epi_callback, self.accelerator
+        if cb.clip == "after":  # asked for the Trainer's order: clip, then mask inside optimizer.step()
+            return super()._clip_grad_norm(model)
         if cb.engine.isolator is None:
             cb._attach(self.optimizer)
         if getattr(acc, "scaler", None) is None:
