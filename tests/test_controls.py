@@ -278,6 +278,31 @@ def test_hft_runs_in_the_smoke_profile_with_half_frozen(tmp_path):
     assert rec["hft"]["unit"] == "matrix" and [d["draw"] for d in rec["hft"]["draws"]] == ["stage0"]
 
 
+@pytest.mark.parametrize("method, every", [("random_per_task", 5), ("random_per_task", 8), ("hft", 5)])
+def test_an_interrupted_control_resumes_with_the_same_draws(tmp_path, method, every):
+    """A checkpoint inside stage A (step 5) or at its end (step 8, where a re-draw and the next stage's set come)."""
+    cfg = resolve("smoke", method=method, protocol="sequential", tasks=["math", "code"], steps_per_task=8,
+                  eval_records=2, eval_every=0, checkpoint_every=every, random_ratio=0.2, random_refresh=True,
+                  hft_round="refresh")
+    full = run_experiment(cfg, tmp_path / "a")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_stage(msg):
+        if msg.startswith("stage 1/2"):
+            raise Stop
+    with pytest.raises(Stop):
+        run_experiment(cfg, tmp_path / "b", say=stop_after_first_stage)
+    said = []
+    resumed = run_experiment(cfg, tmp_path / "b", say=said.append)
+    assert any(m.startswith("resumed") and f"at step {every}/16" in m for m in said)
+    assert resumed["losses"] == full["losses"] and resumed["mask_digest"] == full["mask_digest"]
+    assert resumed["protected_fraction"] == full["protected_fraction"]
+    extra = "hft" if method == "hft" else "random_control"
+    assert resumed[extra] == full[extra]
+
+
 # ---- learning-rate arms ----------------------------------------------------------------------------------
 def test_an_lr_arm_gets_its_own_folder_and_method_label_and_pools_apart(tmp_path):
     default = resolve("smoke", method="full_sft", seed=0, **TINY)
