@@ -2,6 +2,7 @@
 set at EPI's share, each fixed or re-drawn on EPI's schedule; HFT (a random half frozen per stage/round); and
 learning-rate arms (their own folder, their own method label)."""
 import json
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,10 @@ def engine_context(method, tmp_path, stage_list, **settings):
     """Return (ctx, engine) as the runner builds them, on a small Llama (no data: the hooks only install masks)."""
     cfg = resolve("smoke", method=method.name, seed=0, **settings)
     model = small_llama()
-    ctx = MethodContext(config=cfg, model=model, batchers={}, base_scores={}, out=tmp_path / cfg.run_name,
-                        base_importance=None, probe=None, start_isolatable=None, load_isolatable=None)
+    given = dict(config=cfg, model=model, batchers={}, base_scores={}, out=tmp_path / cfg.run_name)
+    unused = {f.name: None for f in fields(MethodContext)  # the runner's helpers (probes, evaluation): not called here
+              if f.default is MISSING and f.default_factory is MISSING and f.name not in given}
+    ctx = MethodContext(**given, **unused)
     ctx.engine = EvolvingIsolation(model, method.engine_config(ctx))
     method.prepare(ctx)
     ctx.stage_list = stage_list
