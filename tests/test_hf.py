@@ -293,7 +293,8 @@ def test_callback_reused_with_a_new_optimizer_moves_the_engine_to_it():
     assert not first._optimizer_step_pre_hooks and not first._optimizer_step_post_hooks  # the old one is unhooked
 
 
-def hf_and_loop_weights(tmp_path, clip_point: str, *, scope: str = "global", steps: int = 8, clip: float = 0.05):
+def hf_and_loop_weights(tmp_path, clip_point: str, *, scope: str = "global", steps: int = 8, clip: float = 0.05,
+                        route: str = "callback"):
     """Train one init through the Trainer (EPICallback) and through the suite's loop (train_steps) on the same
     batches, optimizer and engine config; return the two models' weights, engines and the loop's losses."""
     from transformers import default_data_collator
@@ -323,15 +324,15 @@ def hf_and_loop_weights(tmp_path, clip_point: str, *, scope: str = "global", ste
                              use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
                              remove_unused_columns=False, seed=0, data_seed=0, **reading(True))
     # the loop's optimizer (fused AdamW, betas (0.9, 0.98), weight decay on every tensor), handed to the Trainer
-    trainer = in_order()(model=hf_model, args=args, train_dataset=train, data_collator=TaskCollator(),
+    trainer = in_order(route)(model=hf_model, args=args, train_dataset=train, data_collator=TaskCollator(),
                          callbacks=[epi], optimizers=(make_optimizer(hf_model, opt_cfg), None))
     trainer.train()
     return loop_model.state_dict(), hf_model.state_dict(), engine, epi.engine, state
 
 
-@pytest.mark.parametrize("scope", ["global", "per_task"])
-def test_callback_and_suite_loop_train_bit_identical_weights_with_clipping_active(tmp_path, scope):
-    loop_w, hf_w, loop_eng, hf_eng, state = hf_and_loop_weights(tmp_path, "before", scope=scope)
+@pytest.mark.parametrize("route,scope", [("callback", "global"), ("callback", "per_task"), ("mixin", "global")])
+def test_trainer_and_suite_loop_train_bit_identical_weights_with_clipping_active(tmp_path, route, scope):
+    loop_w, hf_w, loop_eng, hf_eng, state = hf_and_loop_weights(tmp_path, "before", scope=scope, route=route)
     assert hf_eng.step == loop_eng.step == 8 and loop_eng.history  # isolating, with refreshes
     assert loop_eng.isolator.mode == hf_eng.isolator.mode == ("grad" if scope == "global" else "restore")
     assert all(torch.equal(loop_w[k], hf_w[k]) for k in loop_w), \

@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional
 
-from ..engine.config import EPIConfig
+from ..engine.config import MODES, RELEASE_MOMENTS, EPIConfig
 from ..methods.hft import HFT_ROUNDS, HFT_UNITS
 from ..methods.registry import METHODS, MIX_ONLY
 from ..tasks import ABILITIES, REAL_TASKS
@@ -102,6 +102,10 @@ class ExperimentConfig:
     beta: float = 0.99
     score: str = "fisher"
     normalize: str = "layer_mean"
+    # engine semantics (EPIConfig.mode / release_moments, docs/EXACTNESS.md): auto = grad for global scope, restore
+    # per task; "literal" = restore with Adam's moments on the true gradient (the write-up read literally)
+    engine_mode: str = "auto"
+    release_moments: str = "keep"           # keep | floor_v (tempers the release burst) | fresh
     # method-specific
     stages_k: int = 3                       # multi_stage: random K=3 staging (CPI-FT's baseline)
     probe_steps: int = 100                  # static (CPI-FT): per-task probe fine-tune length
@@ -207,6 +211,8 @@ class ExperimentConfig:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         check_device(self.device)  # cuda without CUDA fails here, before anything is built
+        _choice("engine_mode", self.engine_mode, MODES)  # named as here (the engine would say "mode")
+        _choice("release_moments", self.release_moments, RELEASE_MOMENTS)
         self.epi_config()  # the engine's own checks (beta, score, normalize, ...), before any model exists
 
     def epi_config(self, **changes):
@@ -215,7 +221,8 @@ class ExperimentConfig:
         The one place where a run's refresh_every = NEVER_REFRESH (0) becomes the engine's None (static)."""
         refresh_every = None if self.refresh_every == NEVER_REFRESH else self.refresh_every
         values = dict(score=self.score, beta=self.beta, ratio=self.ratio, refresh_every=refresh_every,
-                      warmup_steps=self.warmup_steps, normalize=self.normalize, seed=self.seed)
+                      warmup_steps=self.warmup_steps, normalize=self.normalize, seed=self.seed,
+                      mode=self.engine_mode, release_moments=self.release_moments)
         values.update(changes)
         return EPIConfig(**values)
 
