@@ -242,6 +242,8 @@ def test_resumed_trainer_run_is_bit_identical_to_uninterrupted(tmp_path, route, 
     full_trainer, full, _ = run(tmp_path, route=route, scope=scope, steps=8, save_steps=3, out=tmp_path / "full")
     ckpt = tmp_path / "full" / "checkpoint-3"
     assert (ckpt / "epi_state.pt").is_file()
+    # the callback clips inside the step (args.max_grad_norm held at 0): the checkpoint keeps the user's value
+    assert torch.load(ckpt / "training_args.bin", weights_only=False).max_grad_norm == 1.0
     # callback: resume in place (looks in output_dir/checkpoint-3); mixin: from another run's folder
     out = tmp_path / "full" if route == "callback" else tmp_path / "resumed"
     resumed_trainer, resumed, _ = run(tmp_path, route=route, scope=scope, steps=8, save_steps=3, out=out,
