@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional
 
 from ..engine.config import MODES, RELEASE_MOMENTS, EPIConfig
+from ..methods.cpift import FUSION_SCOPES, STAGE4_MODES, TAU_MODES, chance_jaccard
 from ..methods.hft import HFT_ROUNDS, HFT_UNITS
 from ..methods.registry import METHODS, MIX_ONLY
 from ..tasks import ABILITIES, REAL_TASKS
@@ -34,7 +35,12 @@ REDRAWN = ("random_global", "random_per_task")
 # a run's own arm beyond its method: the settings that, away from the profile's default, name it (ExperimentConfig.arm)
 # and tag its folder; lr for every method, each variant option for the methods it shapes
 ARM_SETTINGS = {"lr": (None, lambda v: f"lr{v!r}"), "random_refresh": (REDRAWN, lambda v: "redraw"),
-                "hft_unit": (("hft",), lambda v: f"unit_{v}"), "hft_round": (("hft",), lambda v: f"round_{v}")}
+                "hft_unit": (("hft",), lambda v: f"unit_{v}"), "hft_round": (("hft",), lambda v: f"round_{v}"),
+                # static (CPI-FT) variants: each its own arm and folder (e.g. mix-static-stage4_mixed-s0)
+                "core_ratio": (("static",), lambda v: f"core{v!r}"), "group_tau": (("static",), lambda v: f"tau{v!r}"),
+                "tau_mode": (("static",), lambda v: f"tau_{v}"), "stage4": (("static",), lambda v: f"stage4_{v}"),
+                "stage4_fraction": (("static",), lambda v: f"s4f{v!r}"),
+                "fusion_scope": (("static",), lambda v: f"fuse_{v}")}
 # what each annotated type of a setting accepts (checked for every field, before any range check)
 _KINDS = {"int": "an int", "float": "a finite number", "bool": "true or false", "str": "a non-empty string",
           "List[str]": "a list of names (on the command line: comma-separated)"}
@@ -109,7 +115,14 @@ class ExperimentConfig:
     # method-specific
     stages_k: int = 3                       # multi_stage: random K=3 staging (CPI-FT's baseline)
     probe_steps: int = 100                  # static (CPI-FT): per-task probe fine-tune length
-    group_tau: float = 0.1                  # static: Jaccard threshold for grouping (CPI-FT τ)
+    # static (CPI-FT, epi.methods.static): its own core share, the paper's p = 1 % of |Δθ| (the other isolating
+    # methods keep `ratio`); at p = 10 % chance Jaccard p/(2−p) is already 0.053, so τ = 0.1 could never merge tasks
+    core_ratio: float = 0.01
+    group_tau: float = 0.1                  # static: grouping threshold τ (CPI-FT: 0.1 on the Jaccard)
+    tau_mode: str = "absolute"              # static: group_tau is a Jaccard | "chance": a multiple ≥ 1 of p/(2−p)
+    stage4: str = "groups"                  # static, mix: one brief stage per group (CPI-FT) | "mixed": one stage
+    stage4_fraction: float = 0.1            # static, mix: Stage 4 trains this × steps_per_task steps per task
+    fusion_scope: str = "changed"           # static, mix: fuse every trainable tensor a probe changed | "isolatable"
     slerp_weight: float = 0.5               # static: SLERP factor ω for non-core weights
     ewc_lambda: float = 1000.0              # ewc: penalty strength on mean-normalised Fisher
     replay_fraction: float = 0.2            # replay: share of batches drawn from earlier tasks
@@ -207,13 +220,37 @@ class ExperimentConfig:
                              "set refresh_every > 0 or drop the re-draw")
         if not 0 <= self.replay_fraction < 1:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
-        for name in ("group_tau", "slerp_weight"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0 <= self.slerp_weight <= 1:
+            raise ValueError(f"slerp_weight must be in [0, 1], got {self.slerp_weight!r}")
+        self._check_cpift()
         check_device(self.device)  # cuda without CUDA fails here, before anything is built
         _choice("engine_mode", self.engine_mode, MODES)  # named as here (the engine would say "mode")
         _choice("release_moments", self.release_moments, RELEASE_MOMENTS)
         self.epi_config()  # the engine's own checks (beta, score, normalize, ...), before any model exists
+
+    def _check_cpift(self) -> None:
+        """Validate the CPI-FT settings (static), naming the field and what it allows."""
+        _choice("tau_mode", self.tau_mode, TAU_MODES)
+        _choice("stage4", self.stage4, STAGE4_MODES)
+        _choice("fusion_scope", self.fusion_scope, FUSION_SCOPES)
+        if not 0 < self.core_ratio < 1:
+            raise ValueError(f"core_ratio must be in (0, 1) (CPI-FT: 0.01), got {self.core_ratio!r}")
+        if not 0 < self.stage4_fraction <= 1:
+            raise ValueError(f"stage4_fraction must be in (0, 1] (a share of steps_per_task), "
+                             f"got {self.stage4_fraction!r}")
+        if self.tau_mode == "absolute" and not 0 <= self.group_tau <= 1:
+            raise ValueError(f"group_tau must be in [0, 1] with tau_mode='absolute' (a Jaccard), "
+                             f"got {self.group_tau!r}")
+        if self.tau_mode == "chance":
+            chance = chance_jaccard(self.core_ratio)
+            if self.group_tau < 1:
+                raise ValueError(f"group_tau must be >= 1 with tau_mode='chance' (a multiple of chance Jaccard "
+                                 f"p/(2-p) = {chance:.4g} at core_ratio={self.core_ratio:g}; below 1 it groups tasks "
+                                 f"whose cores overlap less than random sets), got {self.group_tau!r}; e.g. 2.0 = "
+                                 "twice chance, or tau_mode='absolute' with group_tau=0 for one group")
+            if self.group_tau * chance > 1:
+                raise ValueError(f"group_tau={self.group_tau!r} × chance {chance:.4g} = {self.group_tau * chance:.4g} "
+                                 f"exceeds 1, a Jaccard no two tasks can reach; lower group_tau to <= {1 / chance:.4g}")
 
     def epi_config(self, **changes):
         """Return the EPIConfig (epi.engine.config) of this run's isolation settings, with `changes` applied.
@@ -308,6 +345,15 @@ def resolve(profile: str = "cpu", **overrides) -> ExperimentConfig:
 # how a run was executed, not what it computed (the device as threads: its rounding is not a setting); a
 # resumed or reused run may differ in these, and compare pools runs that differ only in these and the seed
 NOT_SETTINGS = ("threads", "checkpoint_every", "device")
+
+# what a record made before a setting existed ran with, where that is not the setting's default (None: the default):
+# a static record older than CPI-FT's own settings froze cores at `ratio`, trained a full-length Stage 4 and fused
+# the isolatable tensors only, so it is not taken for a run under the new defaults (run.differing_settings)
+SETTINGS_BEFORE = {
+    "core_ratio": lambda stored: stored.get("ratio", 0.1) if stored.get("method") == "static" else None,
+    "stage4_fraction": lambda stored: 1.0 if stored.get("method") == "static" else None,
+    "fusion_scope": lambda stored: "isolatable" if stored.get("method") == "static" else None,
+}
 
 # settings that are lists of names: a command line gives them comma-separated (`--set tasks=math,code`)
 LIST_SETTINGS = tuple(f.name for f in fields(ExperimentConfig) if f.type.startswith("List"))

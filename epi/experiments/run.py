@@ -23,7 +23,7 @@ from ..engine.core import EvolvingIsolation, isolatable
 from ..jsonio import write_json
 from ..methods.base import MethodContext, RunRefused
 from .plugins import Checkpoints, LastEvaluations, ProtectedShare, Snapshots, compose, step_hooks
-from .profiles import NOT_SETTINGS, ExperimentConfig
+from .profiles import NOT_SETTINGS, SETTINGS_BEFORE, ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +66,22 @@ def load_start(config: ExperimentConfig):
 
 
 def probe_fine_tunes(model: torch.nn.Module, batchers: Dict[str, object], config: ExperimentConfig,
-                     tasks: List[str], steps: int, *, precision: str = "fp32", device=None):
+                     tasks: List[str], steps: int, targets: str = "blocks", *, precision: str = "fp32", device=None):
     """Return ({task: [Δθ]}, {task: [θ_probe]}): short single-task fine-tunes of copies of `model` (CPI-FT
-    Stage 1), on the isolatable tensors, each with a fresh optimizer; `model` itself is not changed."""
+    Stage 1), each with a fresh optimizer, on the isolatable tensors (targets "blocks") or every trainable
+    tensor (targets "all"), in epi.engine.core.isolatable's order; `model` itself is not changed."""
     from ..training.data import StepData
     from ..training.device import make_scaler
     from ..training.loop import TrainConfig, make_optimizer, train_steps
     device = device if device is not None else next(model.parameters()).device
-    start = [p.detach().clone() for _, p in isolatable(model, EPIConfig())]
+    start = [p.detach().clone() for _, p in isolatable(model, EPIConfig(targets=targets))]
     deltas, probes = {}, {}
     for t in tasks:
         copy_ = copy.deepcopy(model)
         opt = make_optimizer(copy_, TrainConfig(lr=config.lr, weight_decay=config.weight_decay))
         train_steps(copy_, opt, StepData(batchers, [t] * steps), steps=steps, clip=config.clip,
                     desc=f"probe {t}", scaler=make_scaler(precision, device))
-        probes[t] = [p.detach().clone() for _, p in isolatable(copy_, EPIConfig())]
+        probes[t] = [p.detach().clone() for _, p in isolatable(copy_, EPIConfig(targets=targets))]
         deltas[t] = [p - s for p, s in zip(probes[t], start)]
     return deltas, probes
 
@@ -149,10 +150,10 @@ class Run:
         for p, t in zip(self.iso_params, tensors):
             p.copy_(t)
 
-    def probe(self, tasks: List[str], steps: int):
+    def probe(self, tasks: List[str], steps: int, targets: str = "blocks"):
         """Return ({task: [Δθ]}, {task: [θ_probe]}) of `probe_fine_tunes` from this run's model and data."""
-        return probe_fine_tunes(self.model, self.batchers, self.config, tasks, steps, precision=self.precision,
-                                device=self.device)
+        return probe_fine_tunes(self.model, self.batchers, self.config, tasks, steps, targets,
+                                precision=self.precision, device=self.device)
 
     def evaluate(self) -> Dict[str, dict]:
         """Return the model's scores on the evaluation sets."""
@@ -256,7 +257,8 @@ class Run:
         self.base_eval = self.evaluate_start() if ckpt is None else ckpt["extra"]["record"]["base_scores"]
         self.ctx = MethodContext(config=cfg, model=self.model, batchers=self.batchers, base_scores=self.base_eval,
                                  out=self.out, base_importance=self.base_importance, probe=self.probe,
-                                 start_isolatable=self.start_isolatable, load_isolatable=self.load_isolatable)
+                                 start_isolatable=self.start_isolatable, load_isolatable=self.load_isolatable,
+                                 evaluate=self.evaluate)
         engine_cfg = self.method.engine_config(self.ctx)
         if engine_cfg is None and cfg.monitor:  # drift under plain training: same engine, nothing protected
             self.engine = EvolvingIsolation(self.model, self.epi_config(isolate=False))
@@ -285,7 +287,7 @@ class Run:
         self.schedule, self.bounds = [], []
         for k, tasks in enumerate(self.stage_list):
             stream = cfg.seed * STAGE_SEED_STRIDE + k
-            part = balanced_schedule(tasks, cfg.steps_per_task, seed=stream)
+            part = balanced_schedule(tasks, self.method.steps_per_task(self.ctx, k), seed=stream)
             part = with_replay(part, self.method.replay_tasks(self.ctx, k), cfg.replay_fraction,
                                seed=stream + REPLAY_SEED_OFFSET)
             self.bounds.append((len(self.schedule), len(self.schedule) + len(part)))
@@ -387,7 +389,8 @@ def final_prompt_scores(evals: List[dict], tasks: List[str]) -> Optional[Dict[st
 
 def differing_settings(stored: dict, config: ExperimentConfig, stored_precision: Optional[str] = None) -> str:
     """Return "k=stored vs current, ..." for the settings in which a stored run's config differs from
-    `config` ("" when none; a field the stored config lacks predates that field and counts as its default).
+    `config` ("" when none; a field the stored config lacks predates that field and counts as its default, or
+    as what it replaced where profiles.SETTINGS_BEFORE says so).
 
     The precision is compared as resolved: the record's own "precision" (`stored_precision`) against what
     `config` resolves to here, so "auto" on CPU (fp32) equals a record made before the setting existed,
@@ -400,6 +403,9 @@ def differing_settings(stored: dict, config: ExperimentConfig, stored_precision:
     current["precision"] = resolve_precision(config.precision, resolve_device(config.device))
     stored["base_seed"] = stored.get("seed") if stored.get("base_seed") is None else stored["base_seed"]
     current["base_seed"] = config.start_seed
+    for k, before in SETTINGS_BEFORE.items():  # a record older than a setting ran with what it replaced
+        if k not in stored and before(stored) is not None:
+            stored[k] = before(stored)
     differ = [k for k, v in current.items() if k not in NOT_SETTINGS
               and stored.get(k, defaults.get(k, v)) != (list(v) if isinstance(v, tuple) else v)]
     return ", ".join(f"{k}={stored.get(k, defaults.get(k))!r} vs {current[k]!r}" for k in differ)

@@ -10,7 +10,7 @@ The runner calls the hooks in this order:
   engine_config(ctx)                   the isolation engine's config, None = no engine (ctx.engine is None here)
   prepare(ctx)                         ctx.engine built; probes, fusion, seeded importance
   stages(ctx)                          the training stages (lists of task names); then ctx.stage_list is set
-  replay_tasks(ctx, k)                 for every stage k, while the step schedule is built
+  steps_per_task(ctx, k), replay_tasks(ctx, k)   for every stage k, while the step schedule is built
   plugins(ctx)                         the loop plugins (after_backward / after_step)
   per stage k: stage_start(ctx, k, tasks) → [the loop with the plugins] → stage_end(ctx, k, tasks)
   record_extra()                       method-specific fields of the results record
@@ -51,9 +51,12 @@ class MethodContext:
     base_scores: Dict[str, dict]               # the start model's evaluation, task → {"score", "loss", ...}
     out: Path                                  # the run folder
     base_importance: Callable[[str], Dict[str, Dict[str, torch.Tensor]]]  # scope → base phase's importance
-    probe: Callable[[List[str], int], Tuple[Dict[str, Tensors], Dict[str, Tensors]]]  # tasks, steps → (Δθ, θ)
+    # tasks, steps[, targets] → (Δθ, θ) of probe fine-tunes on the isolatable tensors (targets "blocks") or on
+    # every trainable tensor (targets "all"), in epi.engine.core.isolatable's order for that targets value
+    probe: Callable[..., Tuple[Dict[str, Tensors], Dict[str, Tensors]]]
     start_isolatable: Callable[[], Tensors]    # a copy of the isolatable tensors now
     load_isolatable: Callable[[Tensors], None]  # write the isolatable tensors
+    evaluate: Callable[[], Dict[str, dict]]    # the model's scores on the run's evaluation sets now
     engine: Optional["EvolvingIsolation"] = None  # set after engine_config, before prepare
     stage_list: List[List[str]] = field(default_factory=list)  # set after stages
 
@@ -95,6 +98,10 @@ class Method:
     def plugins(self, ctx: MethodContext) -> List[Plugin]:
         """Return the loop plugins this method adds (run after backward / after each step)."""
         return []
+
+    def steps_per_task(self, ctx: MethodContext, k: int) -> int:
+        """Return the optimizer steps per task of stage k (the stage trains len(tasks) × this, balanced)."""
+        return ctx.config.steps_per_task
 
     def replay_tasks(self, ctx: MethodContext, k: int) -> List[str]:
         """Return the tasks whose batches are replayed into stage k."""
