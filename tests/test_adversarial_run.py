@@ -96,7 +96,7 @@ def test_a_run_checkpoint_loads_with_weights_only(tmp_path):
 
 def test_a_resumed_run_refuses_other_settings_and_says_how_to_start_fresh(tmp_path):
     cfg = interrupted(tmp_path)
-    for change in (dict(steps_per_task=20), dict(ratio=0.3), dict(lr=0.01)):
+    for change in (dict(steps_per_task=20), dict(ratio=0.3), dict(weight_decay=0.01)):
         with pytest.raises(ValueError, match=f"{next(iter(change))}.*--fresh"):
             run_experiment(resolve("smoke", method="epi", **{**SEQ, **change}), tmp_path)
     # how a run executes (checkpoint spacing, device, threads) may change between the interruption and the resume
@@ -162,9 +162,12 @@ def test_a_broken_start_score_cache_is_moved_aside_and_rebuilt(tmp_path, monkeyp
 
 def test_run_grid_refuses_to_reuse_a_finished_run_with_other_settings(tmp_path):
     run_experiment(resolve("smoke", method="full_sft", **TINY), tmp_path)
-    other = resolve("smoke", method="full_sft", **{**TINY, "lr": 5e-4})
-    with pytest.raises(ValueError, match="other settings.*lr"):
+    other = resolve("smoke", method="full_sft", **{**TINY, "weight_decay": 0.05})
+    with pytest.raises(ValueError, match="other settings.*weight_decay"):
         run_grid([other], tmp_path)
+    # another learning rate is another arm: its own folder, never the finished run's
+    lower = resolve("smoke", method="full_sft", **{**TINY, "lr": 5e-4})
+    assert lower.run_name != resolve("smoke", method="full_sft", **TINY).run_name and "lr0.0005" in lower.run_name
 
 
 def test_a_finished_run_with_a_broken_results_file_is_named(tmp_path):
