@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import interrupt_at_stage_end
 from epi.engine.config import EPIConfig
 from epi.engine.core import EvolvingIsolation
 from epi.experiments.collect import compare
@@ -289,14 +290,7 @@ def test_an_interrupted_control_resumes_with_the_same_draws(tmp_path, method, ev
                   hft_round="refresh")
     full = run_experiment(cfg, tmp_path / "a")
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first_stage(msg):
-        if msg.startswith("stage 1/2"):
-            raise Stop
-    with pytest.raises(Stop):
-        run_experiment(cfg, tmp_path / "b", say=stop_after_first_stage)
+    interrupt_at_stage_end(cfg, tmp_path / "b", "stage 1/2")
     said = []
     resumed = run_experiment(cfg, tmp_path / "b", say=said.append)
     assert any(m.startswith("resumed") and f"at step {every}/16" in m for m in said)

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
+from helpers import interrupt_at_stage_end
 from epi.analysis.drift import random_jaccard
 from epi.experiments.profiles import resolve
 from epi.experiments.run import Run, differing_settings, load_start
@@ -221,14 +222,7 @@ def test_an_interrupted_static_run_resumes_without_probing_again_and_ends_identi
     cfg = resolve("smoke", method="static", seed=0, stage4_fraction=0.5, checkpoint_every=3, **TINY)
     full = run_experiment(cfg, tmp_path / "a")
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first_stage(msg):
-        if msg.startswith("stage 1/"):
-            raise Stop
-    with pytest.raises(Stop):
-        run_experiment(cfg, tmp_path / "b", say=stop_after_first_stage)
+    interrupt_at_stage_end(cfg, tmp_path / "b", "stage 1/")
     def no_probe(*args, **kwargs):
         raise AssertionError("a resumed static run probed again")
     monkeypatch.setattr("epi.experiments.run.probe_fine_tunes", no_probe)

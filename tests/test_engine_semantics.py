@@ -7,21 +7,13 @@ against closed forms (epi.engine.burst.release_step_ratio).
 import pytest
 import torch
 
-from helpers import small_llama
+from helpers import one_thread, small_llama  # noqa: F401 (one_thread: an autouse fixture)
 from epi import EPIConfig, EvolvingIsolation
 from epi.engine.burst import ReleaseBurstMeter, release_step_ratio
 from epi.training.loop import train_steps
 
 LR = 1e-2
 NEVER = 10 ** 9  # warm-up that never ends: the toy's masks are set by hand
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Toy(torch.nn.Module):

@@ -9,7 +9,7 @@ import transformers
 from accelerate.utils import AutocastKwargs
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from helpers import small_llama
+from helpers import one_thread, small_llama  # noqa: F401 (one_thread: an autouse fixture)
 from epi import EPIConfig
 from epi.integrations.hf import EPICallback, EPITrainerMixin, TaskCollator, base_optimizer, task_blocks
 from epi.integrations.recipe import SEQUENTIAL_ARG, trainer_class
@@ -18,15 +18,6 @@ STEPS = 8
 # transformers 5 clips in Trainer._clip_grad_norm, which EPITrainerMixin overrides; 4.x clips inline, so the
 # mixin warns and takes the callback route (masks after clipping)
 MIXIN_CLIPS = hasattr(Trainer, "_clip_grad_norm")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads spin against other jobs on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

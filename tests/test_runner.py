@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from helpers import interrupt_at_stage_end
 from epi.analysis.compare import summary_table, write_tables
 from epi.experiments.collect import compare
 from epi.experiments.profiles import resolve
@@ -54,14 +55,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_identically(tmp_pa
                   steps_per_task=8, eval_records=4, eval_every=0, checkpoint_every=5)
     full = run_experiment(cfg, tmp_path / "a")
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first_stage(msg):
-        if msg.startswith("stage 1/2"):
-            raise Stop
-    with pytest.raises(Stop):
-        run_experiment(cfg, tmp_path / "b", say=stop_after_first_stage)
+    interrupt_at_stage_end(cfg, tmp_path / "b", "stage 1/2")
     assert (tmp_path / "b" / cfg.run_name / "checkpoint.pt").exists()
     said = []
     resumed = run_experiment(cfg, tmp_path / "b", say=said.append)
