@@ -36,9 +36,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..engine.importance import local
-from ..training.loop import Plugin
 from .base import Method, MethodContext
-from .random_mask import draw_generator
+from .random_mask import AfterStep, draw_generator
 
 HFT_UNITS = ("matrix", "element")
 HFT_ROUNDS = ("stage", "refresh")
@@ -91,14 +90,6 @@ def _block_order(block: str):
     return (0, int(block)) if block else (1, 0)
 
 
-class _Rounds(Plugin):
-    def __init__(self, method: "HFT"):
-        self.method = method
-
-    def after_step(self, model, task, step):
-        self.method.after_step(step + 1)
-
-
 class HFT(Method):
     """Half Fine-Tuning: a random half of the isolatable parameters frozen exactly, re-drawn at every stage start
     (and every refresh_every steps with hft_round="refresh"); see the module docstring for the unit."""
@@ -119,7 +110,7 @@ class HFT(Method):
         self.install(f"stage{k}", step=None)
 
     def plugins(self, ctx):
-        return [_Rounds(self)] if ctx.config.hft_round == "refresh" else []
+        return [AfterStep(self)] if ctx.config.hft_round == "refresh" else []
 
     def after_step(self, n: int) -> None:
         """Draw a new half every refresh_every steps (hft_round="refresh")."""

@@ -123,10 +123,11 @@ def per_task_random_sets(shapes: Sequence[torch.Size], tasks: Sequence[str], sha
     return out
 
 
-class _Redraw(Plugin):
-    """After every step, let the method install or re-draw its sets (the loop's step is 0-based)."""
+class AfterStep(Plugin):
+    """After every step, call `method.after_step(steps done)` (the loop's step is 0-based): how the random
+    controls and HFT install or re-draw their sets on a schedule."""
 
-    def __init__(self, method: "ScheduledRandom"):
+    def __init__(self, method):
         self.method = method
 
     def after_step(self, model, task, step):
@@ -160,7 +161,7 @@ class ScheduledRandom(Method):
             self.install()
 
     def plugins(self, ctx):
-        return [_Redraw(self)]
+        return [AfterStep(self)]
 
     def after_step(self, n: int) -> None:
         """Install the first draw when EPI's first mask would come, re-draw when EPI would refresh."""
