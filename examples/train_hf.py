@@ -85,3 +85,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # under torchrun the Trainer leaves the process group open; Gloo's worker threads torn down at interpreter exit
+    # can abort a rank ("terminate called without an active exception"), so close it while Python still lives (only
+    # after a clean finish: destroying it while another rank is inside a collective could hang)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
