@@ -46,7 +46,7 @@ def _prompts(mean, n=200, sd=0.3, seed=0):
 
 def test_the_default_rule_is_the_bootstrap():
     assert stats.DEFAULT_RULE == "bootstrap" and verdict([0.1, 0.2, 0.3, 0.2]).rule == "bootstrap"
-    assert set(stats.RULES) == {"bootstrap", *stats.LEGACY_RULES}  # seed_2se and every_pair are gone
+    assert set(stats.RULES) == {"bootstrap"}  # one rule: seed_2se, every_pair, evaluation_2se, within_margin are gone
     with pytest.raises(ValueError, match="rule must be one of"):
         verdict([0.1, 0.2], rule="seed_2se")
 
@@ -131,25 +131,12 @@ def test_zero_variance_over_four_seeds_collapses_the_interval():
     assert verdict([0.02] * 4, minimum=0.03).verdict == "not supported"
 
 
-# ---------------------------------------------------------------- legacy rules (notebooks 05/06 until rescored)
+# ---------------------------------------------------------------- one rule: the old ones are gone
 
-def test_within_margin_is_non_inferiority():
-    # effects = method − baseline learning; the claim: no pair loses more than 0.03
-    assert verdict([-0.01, -0.02], rule="within_margin", minimum=0.03).verdict == "supported"
-    assert verdict([-0.05, 0.0], rule="within_margin", minimum=0.03).verdict == "mixed"
-    assert verdict([-0.05, -0.04], rule="within_margin", minimum=0.03).verdict == "not supported"
-    assert verdict([-0.03], rule="within_margin", minimum=0.03).verdict == "supported"  # at the margin: within
-
-
-def test_evaluation_2se_reads_the_given_noise():
-    assert verdict([0.1], rule="evaluation_2se", noise=0.077).verdict == "supported"
-    assert verdict([0.05], rule="evaluation_2se", noise=0.077).verdict == "mixed"
-    assert verdict([-0.01], rule="evaluation_2se", noise=0.077).verdict == "not supported"
-    assert verdict([0.05], rule="evaluation_2se", noise=0.077).interval == pytest.approx((0.05 - 0.077, 0.127))
-    with pytest.raises(ValueError, match="noise"):
-        verdict([0.1], rule="evaluation_2se")
-    with pytest.raises(ValueError, match="tolerance"):
-        verdict([0.1], rule="evaluation_2se", noise=0.1, tolerance=0.05)
+def test_the_retired_rules_are_refused_by_name():
+    for old in ("seed_2se", "every_pair", "evaluation_2se", "within_margin"):
+        with pytest.raises(ValueError, match="rule must be one of"):
+            verdict([0.1, 0.2, 0.3, 0.4], rule=old)
 
 
 # ---------------------------------------------------------------- the calibrated rule: hierarchical bootstrap

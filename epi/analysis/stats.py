@@ -33,10 +33,6 @@ are what make the interval trustworthy.
 
 Non-inferiority ("as well as, up to `tolerance`") is the same rule with its zero line moved to −tolerance:
 supported when the interval's low end > −tolerance, not supported when its high end < −tolerance.
-
-Two older rules stay callable only because notebooks 05 and 06 still name them (LEGACY_RULES); they are
-removed when those notebooks are rescored: ``evaluation_2se`` (effect ± a given 2-se evaluation noise, one
-seed) and ``within_margin`` (every pair ≥ −minimum).
 """
 from __future__ import annotations
 
@@ -55,15 +51,8 @@ RULES = {  # name → (what the interval is, the decision) — shown by Verdict.
                   "supported when the interval excludes 0 in the claimed direction and the effect exceeds the "
                   "minimum; not supported when the interval lies below the minimum; not measured when the "
                   "baseline shows no effect to reduce; mixed otherwise"),
-    "evaluation_2se": ("± 2 evaluation se",
-                       "(legacy, notebook 06) supported when the effect exceeds 2 evaluation standard errors of "
-                       "the difference, not supported when it is ≤ 0"),
-    "within_margin": ("range of pairs",
-                      "(legacy, notebook 05) supported when every pair is within the margin, not supported when "
-                      "the mean falls outside it"),
 }
 DEFAULT_RULE = "bootstrap"
-LEGACY_RULES = ("evaluation_2se", "within_margin")  # named by notebooks 05/06 until they are rescored
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_LEVEL = 0.95
 _BLOCK = 4_000_000  # prompt indices drawn at once by the bootstrap (32 MB)
@@ -82,7 +71,7 @@ class Verdict:
     n_prompts: Optional[int]            # evaluation prompts per task (the fewest) when prompts were resampled
     rule: str                           # a key of RULES
     verdict: str                        # one of VERDICTS
-    minimum: float = 0.0                # the smallest effect the claim counts (the margin for within_margin)
+    minimum: float = 0.0                # the smallest effect the claim counts
     tolerance: float = 0.0              # non-inferiority: the shortfall the claim tolerates (bootstrap)
 
     def describe(self, digits: int = 3) -> str:
@@ -253,7 +242,7 @@ def hierarchical_bootstrap(effects_by_seed, *, resamples: int = BOOTSTRAP_RESAMP
 
 def verdict(effects_by_seed, *, direction: str = "increase", rule: str = DEFAULT_RULE, minimum: float = 0.0,
             tolerance: float = 0.0, floor: Optional[float] = None, baseline: Optional[Sequence[float]] = None,
-            noise: Optional[float] = None, n_prompts: Optional[int] = None, resamples: int = BOOTSTRAP_RESAMPLES,
+            n_prompts: Optional[int] = None, resamples: int = BOOTSTRAP_RESAMPLES,
             seed: int = 0) -> Verdict:
     """Return the Verdict on a claim from its paired effects, one entry per seed (orders averaged inside it).
 
@@ -262,9 +251,8 @@ def verdict(effects_by_seed, *, direction: str = "increase", rule: str = DEFAULT
         bootstrap's prompt stage.
     direction: "increase" when the claim says the difference is positive, "decrease" when negative (e.g. "forgets
         less"); the Verdict's effect and interval are oriented so that positive is the claim's way.
-    rule: "bootstrap" (the one rule; see the module docstring) or a legacy rule. minimum: the smallest effect
-        that counts (the margin for within_margin). tolerance: non-inferiority (bootstrap): the claim is "not
-        worse than −tolerance". noise: the 2-se evaluation noise of the difference (evaluation_2se only).
+    rule: "bootstrap", the one rule (see the module docstring). minimum: the smallest effect that counts.
+        tolerance: non-inferiority: the claim is "not worse than −tolerance".
     floor, baseline: "not measured" when the mean of `baseline` (the baseline arm's values) is ≤ `floor`.
     n_prompts: prompts per task, for the description (taken from the arrays when they are per-prompt).
     resamples, seed: the bootstrap's size and generator seed.
@@ -279,10 +267,6 @@ def verdict(effects_by_seed, *, direction: str = "increase", rule: str = DEFAULT
     if minimum and tolerance:
         raise ValueError("give minimum (a superiority claim: the effect must exceed it) or tolerance (a "
                          "non-inferiority claim: not worse than −tolerance), not both")
-    if tolerance and rule != "bootstrap":
-        raise ValueError(f"tolerance is read by rule 'bootstrap' only, got rule {rule!r}")
-    if rule == "evaluation_2se" and (noise is None or not math.isfinite(noise) or noise < 0):
-        raise ValueError(f"rule 'evaluation_2se' needs noise (the 2-se evaluation noise, >= 0), got {noise}")
     if (floor is None) != (baseline is None):
         raise ValueError("floor and baseline go together: give both (not measured when mean(baseline) <= floor)")
     sign = 1.0 if direction == "increase" else -1.0
@@ -307,12 +291,6 @@ def verdict(effects_by_seed, *, direction: str = "increase", rule: str = DEFAULT
         if base.size == 0 or not np.isfinite(base).all():
             raise ValueError("baseline must hold finite values (the baseline arm's own scores or forgetting)")
         unmeasured = bool(base.mean() <= floor)
-    if rule == "evaluation_2se":
-        word = "supported" if mean > noise else "mixed" if mean > 0 else "not supported"
-        return decided(mean, (mean - noise, mean + noise), "not measured" if unmeasured else word)
-    if rule == "within_margin":
-        word = ("supported" if diffs.min() >= -minimum else "not supported" if mean < -minimum else "mixed")
-        return decided(mean, (diffs.min(), diffs.max()), "not measured" if unmeasured else word)
     # bootstrap: one seed given as a number has no spread to resample; 2–3 have too little (reaches_level)
     if n < 2 and not per_prompt:
         return decided(mean, nan2, "not measured" if unmeasured else "mixed")
