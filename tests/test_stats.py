@@ -236,6 +236,9 @@ def test_describe_names_effect_interval_seeds_prompts_and_rule():
     assert line.endswith("] over 4 seed(s), 80 prompts per task · rule: bootstrap → supported")
     assert "minimum 0.03" in verdict([0.1, 0.05, 0.1, 0.08], minimum=0.03).describe()
     assert "prompts: not recorded" in verdict([0.1, 0.05, 0.1, 0.08]).describe()
+    one_seed = verdict([np.array([0.1, 0.2, 0.3] * 40)], n_prompts=120, resamples=100).describe()
+    assert "(one seed: the interval covers evaluation noise, not seed-to-seed variation)" in one_seed
+    assert "one seed" not in line
     d = verdict([0.05]).to_dict()
     assert d["interval"] == [None, None] and d["verdict"] == "mixed" and d["rule"] == "bootstrap"
     assert set(d) == set(Verdict.__dataclass_fields__)

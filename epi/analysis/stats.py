@@ -86,6 +86,8 @@ class Verdict:
                     else f"{label}: not estimable")
         if self.n_prompts:
             prompts = f", {self.n_prompts} prompts per task"
+            if self.n_seeds == 1:  # nothing resamples training: a second seed can move the effect beyond this
+                prompts += " (one seed: the interval covers evaluation noise, not seed-to-seed variation)"
         else:
             prompts = ", prompts: not recorded" if self.rule == "bootstrap" else ""
         extra = (f", minimum {self.minimum:.{digits}g}" if self.minimum else "") + \

@@ -35,6 +35,8 @@ REDRAWN = ("random_global", "random_per_task")
 # a run's own arm beyond its method: the settings that, away from the profile's default, name it (ExperimentConfig.arm)
 # and tag its folder; lr for every method, each variant option for the methods it shapes
 ARM_SETTINGS = {"lr": (None, lambda v: f"lr{v!r}"), "random_refresh": (REDRAWN, lambda v: "redraw"),
+                # EPI with another refresh interval (T = 0: the mask frozen at warm-up end), e.g. mix-epi_per_task-T0-s0
+                "refresh_every": (("epi", "epi_per_task"), lambda v: f"T{v}"),
                 "hft_unit": (("hft",), lambda v: f"unit_{v}"), "hft_round": (("hft",), lambda v: f"round_{v}"),
                 # static (CPI-FT) variants: each its own arm and folder (e.g. mix-static-stage4_mixed-s0)
                 "core_ratio": (("static",), lambda v: f"core{v!r}"), "group_tau": (("static",), lambda v: f"tau{v!r}"),
