@@ -101,3 +101,32 @@ def lines(xs: Sequence, series: Dict[str, Sequence[float]], ax=None, xlabel: str
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     return ax
+
+
+VERDICT_COLOURS = {"supported": "#1b7837", "not supported": "#b2182b", "mixed": "#636363", "not measured": "#bdbdbd"}
+
+
+def effect_intervals(claims: Sequence[dict], ax=None, minimum: float = 0.0, title: str = "",
+                     xlabel: str = "effect on mean score (method − baseline, fraction of prompts)"):
+    """Plot each decided claim as a dot (its effect) on a line (its 95 % interval from the one rule), one row per
+    claim labelled "method vs baseline", coloured by verdict; dashed lines at 0 and at the claim's minimum."""
+    ax = _ax(ax)
+    decided = [c for c in claims if isinstance(c.get("decision"), dict) and c["decision"].get("effect") is not None]
+    for y, c in enumerate(reversed(decided)):
+        d = c["decision"]
+        colour = VERDICT_COLOURS[c["verdict"]]
+        lo, hi = d.get("interval") or (None, None)
+        if lo is not None and hi is not None:
+            ax.plot([lo, hi], [y, y], color=colour, lw=2.2, solid_capstyle="butt")
+        ax.plot([d["effect"]], [y], "o", color=colour, ms=6)
+    names = [f"{c.get('method', '?')} vs {c.get('baseline', '?')}" for c in reversed(decided)]
+    ax.set_yticks(range(len(decided)), names, fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    if minimum:
+        ax.axvline(minimum, color="black", lw=0.8, ls="--")
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color=col, marker="o", lw=2, label=v) for v, col in VERDICT_COLOURS.items()
+               if any(c["verdict"] == v for c in decided)]
+    ax.legend(handles=handles, fontsize=7, loc="lower right", title="verdict (95% interval)", title_fontsize=7)
+    ax.set(xlabel=xlabel, title=title)
+    return ax
