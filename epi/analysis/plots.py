@@ -7,6 +7,17 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 PALETTE = "colorblind"
+# One colour per method in every figure, by family: full SFT greys, staging browns, static purple, EPI greens,
+# random controls oranges, HFT magenta, EWC / replay blues. An arm ("full_sft@lr=0.00077") takes its method's
+# colour, lightened (`method_colour`). The order is the registry's (epi.methods.METHODS), reference first.
+METHOD_COLOURS = {
+    "reference": "#bdbdbd", "full_sft": "#404040", "sequential": "#8c8c8c",
+    "multi_stage": "#a6761d", "multi_stage_heuristic": "#e6ab02", "static": "#7570b3",
+    "epi": "#66c2a5", "epi_per_task": "#1b9e77",
+    "random": "#d95f02", "random_global": "#fdae6b", "random_per_task": "#e6550d", "hft": "#e7298a",
+    "ewc": "#386cb0", "replay": "#80b1d3",
+}
+METHOD_ORDER = list(METHOD_COLOURS)
 
 
 def set_style() -> None:
@@ -24,6 +35,23 @@ def savefig(fig, name: str, out_dir: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight", metadata={"Software": None})
     return path
+
+
+def method_colour(label: str) -> str:
+    """Return the colour of a method or arm label: the method's own colour, lightened for an arm
+    ("epi_per_task@refresh_every=0"); a label that names no known method gets a neutral grey."""
+    from matplotlib.colors import to_hex, to_rgb
+    method, _, arm = label.partition("@")
+    colour = METHOD_COLOURS.get(method, "#999999")
+    if not arm:
+        return colour
+    return to_hex([0.45 * c + 0.55 for c in to_rgb(colour)])   # the same hue, paler: an arm of its method
+
+
+def method_sort_key(label: str) -> tuple:
+    """Return a sort key that puts method labels in METHOD_ORDER, each method's arms right after it."""
+    method, _, arm = label.partition("@")
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), arm)
 
 
 def _ax(ax):
@@ -75,14 +103,17 @@ def per_layer_heatmap(history: Sequence[dict], ax=None, key: Optional[str] = Non
 
 
 def method_bars(df, columns: Sequence[str], ax=None, title: str = "", ylabel: str = "score"):
-    """Plot mean ± sd over seeds of `columns` per method (grouped bars), seeds as dots."""
+    """Plot mean ± sd over seeds of `columns` per method (grouped bars in the methods' colours, the legend says
+    what the lines are)."""
     import seaborn as sns
     ax = _ax(ax)
     long = df.melt(id_vars=["method", "seed"], value_vars=list(columns), var_name="metric", value_name="value")
     long["metric"] = long["metric"].str.replace("score_", "").str.replace("forgetting_", "")
-    sns.barplot(data=long, x="metric", y="value", hue="method", errorbar="sd", ax=ax, capsize=0.05)
+    order = sorted(long["method"].unique(), key=method_sort_key)
+    sns.barplot(data=long, x="metric", y="value", hue="method", hue_order=order, errorbar="sd", ax=ax, capsize=0.05, saturation=1,
+                palette={m: method_colour(m) for m in order})
     ax.set(xlabel="", ylabel=ylabel, title=title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, title="bars: mean · lines: ± sd over seeds", title_fontsize=7)
     return ax
 
 
@@ -92,10 +123,12 @@ def lines(xs: Sequence, series: Dict[str, Sequence[float]], ax=None, xlabel: str
     ax = _ax(ax)
     for name, ys in series.items():
         ys = np.asarray(ys, dtype=float)
-        ax.plot(xs, ys, marker="o", ms=4, label=name)
+        # a method keeps its colour here too; other series take the style's cycle
+        colour = {"color": method_colour(name)} if name.partition("@")[0] in METHOD_COLOURS else {}
+        (line,) = ax.plot(xs, ys, marker="o", ms=4, label=name, **colour)
         if errors and name in errors:
             e = np.asarray(errors[name], dtype=float)
-            ax.fill_between(xs, ys - e, ys + e, alpha=0.2)
+            ax.fill_between(xs, ys - e, ys + e, alpha=0.2, color=line.get_color())
     if logx:
         ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)

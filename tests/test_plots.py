@@ -1,0 +1,79 @@
+"""Every figure function renders on a fixture with labelled axes, and a method keeps its colour in every figure."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
+
+import epi.methods  # noqa: E402
+from epi.analysis import plots  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    yield
+    plt.close("all")
+
+
+def _frame():
+    rows = []
+    for m in ("epi", "full_sft", "full_sft@lr=0.00077", "random"):
+        for s in range(3):
+            rows.append({"method": m, "seed": s, "score_math": 0.4 + 0.01 * s, "score_code": 0.5, "mean_score": 0.45})
+    return pd.DataFrame(rows)
+
+
+def _history():
+    return [{"step": s, "scope_key": "global", "jaccard_prev": None if s == 10 else 0.7, "jaccard_first": 0.6,
+             "spearman_prev": 0.8, "per_layer": {"model.layers.0.mlp.up_proj.weight": 0.1,
+                                                 "model.layers.0.self_attn.q_proj.weight": 0.05}}
+            for s in (10, 20, 30)]
+
+
+def test_every_method_has_its_own_colour_and_arms_keep_the_hue():
+    assert set(epi.methods.METHODS) <= set(plots.METHOD_COLOURS)
+    colours = [plots.METHOD_COLOURS[m] for m in epi.methods.METHODS]
+    assert len(set(colours)) == len(colours)
+    arm = plots.method_colour("full_sft@lr=0.00077")
+    assert arm != plots.method_colour("full_sft") and arm.startswith("#")
+    assert plots.method_colour("no_such_method") == "#999999"
+    assert sorted(["random", "full_sft@lr=1", "epi", "full_sft"], key=plots.method_sort_key) == \
+        ["full_sft", "full_sft@lr=1", "epi", "random"]
+
+
+def test_method_bars_colour_each_method_and_say_what_the_lines_are():
+    ax = plots.method_bars(_frame(), ["score_math", "score_code", "mean_score"], title="t")
+    legend = ax.get_legend()
+    names = [t.get_text() for t in legend.get_texts()]
+    assert names == ["full_sft", "full_sft@lr=0.00077", "epi", "random"]          # the suite's order
+    for handle, name in zip(legend.legend_handles, names):
+        assert to_hex(handle.get_facecolor()) == plots.method_colour(name)
+    assert "sd" in legend.get_title().get_text() and ax.get_ylabel() == "score"
+
+
+def test_lines_keep_a_methods_colour_and_band_it_alike():
+    ax = plots.lines([1, 2, 3], {"epi": [0.1, 0.2, 0.3], "other": [0.3, 0.2, 0.1]}, xlabel="p", ylabel="forgetting",
+                     errors={"epi": [0.01, 0.01, 0.01]})
+    line = {l.get_label(): l for l in ax.get_lines()}
+    assert to_hex(line["epi"].get_color()) == plots.METHOD_COLOURS["epi"]
+    band = ax.collections[0]
+    assert to_hex(band.get_facecolor()[0][:3]) == plots.METHOD_COLOURS["epi"]
+    assert ax.get_xlabel() == "p" and ax.get_ylabel() == "forgetting"
+
+
+def test_drift_and_heatmaps_render_with_labels():
+    ax = plots.drift_curves(_history())
+    assert ax.get_xlabel() == "optimizer step" and len(ax.get_legend().get_texts()) == 3
+    ax = plots.per_layer_heatmap(_history())
+    assert ax.get_xlabel() == "refresh step" and [t.get_text() for t in ax.get_yticklabels()] == ["L0.up_proj", "L0.q_proj"]
+    ax = plots.matrix_heatmap(np.eye(3), ["a", "b", "c"], title="J")
+    assert ax.get_title() == "J" and [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+
+
+def test_savefig_writes_png(tmp_path):
+    fig, _ = plt.subplots()
+    path = plots.savefig(fig, "x", tmp_path)
+    assert path == tmp_path / "figures" / "x.png" and path.read_bytes()[:4] == b"\x89PNG"
