@@ -38,6 +38,8 @@ ARM_SETTINGS = {"lr": (None, lambda v: f"lr{v!r}"), "random_refresh": (REDRAWN, 
                 # EPI with another refresh interval (T = 0: the mask frozen at warm-up end), e.g. mix-epi_per_task-T0-s0
                 "refresh_every": (("epi", "epi_per_task"), lambda v: f"T{v}"),
                 "hft_unit": (("hft",), lambda v: f"unit_{v}"), "hft_round": (("hft",), lambda v: f"round_{v}"),
+                # HFT that freezes nothing before stage k (X2: from the sequential boundary), e.g. ...-hft-from1-s0
+                "hft_from_stage": (("hft",), lambda v: f"from{v}"),
                 # static (CPI-FT) variants: each its own arm and folder (e.g. mix-static-stage4_mixed-s0)
                 "core_ratio": (("static",), lambda v: f"core{v!r}"), "group_tau": (("static",), lambda v: f"tau{v!r}"),
                 "tau_mode": (("static",), lambda v: f"tau_{v}"), "stage4": (("static",), lambda v: f"stage4_{v}"),
@@ -135,6 +137,7 @@ class ExperimentConfig:
     random_refresh: bool = False
     hft_unit: str = "matrix"                # hft: "matrix" (half of each block's attention / FFN matrices) | "element"
     hft_round: str = "stage"                # hft: a new half each stage ("stage") or also every refresh_every steps
+    hft_from_stage: int = 0                 # hft: the first stage (0-based) with a frozen half; sequential: 0 or 1
     base_steps: int = 2000                  # tiny-base pre-training steps (general mix of the abilities)
     # the seed of the tiny-base start model (epi.experiments.base_build); None = `seed`. Only the base follows it:
     # data order, engine and evaluation stay on `seed`, so training seeds can share one cached base (a build
@@ -196,7 +199,7 @@ class ExperimentConfig:
                      "eval_last", "stages_k", "probe_steps", "base_steps", "base_batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps", "refresh_every"):
+        for name in ("eval_every", "checkpoint_every", "warmup_steps", "refresh_every", "hft_from_stage"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         for name in ("seed", "base_seed"):
@@ -220,6 +223,12 @@ class ExperimentConfig:
             what = "random_refresh=true" if self.method in REDRAWN else "hft_round='refresh'"
             raise ValueError(f"{what} re-draws every refresh_every steps, but refresh_every is 0 (never); "
                              "set refresh_every > 0 or drop the re-draw")
+        if self.method == "hft" and self.hft_from_stage > 0 and (
+                self.protocol != "sequential" or self.hft_from_stage >= len(self.tasks)):
+            stages = len(self.tasks) if self.protocol == "sequential" else 1
+            raise ValueError(f"hft_from_stage must name one of the run's {stages} stage(s) (0-based; protocol "
+                             f"{self.protocol!r}), got {self.hft_from_stage}: a later start would freeze nothing; a start "
+                             "after stage 0 needs protocol 'sequential' and a value below its number of tasks")
         if not 0 <= self.replay_fraction < 1:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
         if not 0 <= self.slerp_weight <= 1:

@@ -19,6 +19,10 @@ What the suite chooses (settings in epi.experiments.profiles):
   hft_round "stage" (default, the paper's): a new half at the start of every stage — in a one-stage mix that is
             one draw for the whole run; "refresh": also a new half every `refresh_every` optimizer steps, counted
             from step 0 (the mix's stand-in for the paper's rounds; a stage start always draws anew).
+  hft_from_stage  0 (default, the paper's): a half is frozen from the first stage on; k > 0: nothing is frozen
+            before stage k (0-based), whose start draws the first half. Sequential runs only: with 1, task A is
+            trained exactly as full SFT trains it and HFT begins at the stage boundary, as the X2 design's other
+            arms do (epi.experiments.x2), so the arms differ in how they protect A, not in how they learned it.
 The parameters HFT chooses from are the engine's isolatable tensors (the 2-D weights inside the transformer blocks),
 the same ones EPI and the random controls act on; embeddings, the LM head and norms train as in every method.
 
@@ -98,14 +102,22 @@ class HFT(Method):
     def __init__(self):
         self.ctx: Optional[MethodContext] = None
         self.draws: List[dict] = []  # {"step", "frozen_share"} of each draw, in order
+        self.stage = 0                # the stage in progress (hft_from_stage: no half before it)
 
     def engine_config(self, ctx):
         return ctx.epi_config(scope="global", refresh_every=None, seed=ctx.config.seed)
 
     def prepare(self, ctx):
         self.ctx = ctx
+        if ctx.config.hft_from_stage > 0:
+            # nothing frozen before stage hft_from_stage; an empty forced set also keeps the engine from
+            # installing its own importance mask at the end of warm-up
+            ctx.engine.set_sets({})
 
     def stage_start(self, ctx, k, tasks):
+        self.stage = k
+        if k < ctx.config.hft_from_stage:
+            return
         # a resumed run draws this stage's half again; the runner then restores the engine's saved masks
         self.install(f"stage{k}", step=None)
 
@@ -115,7 +127,7 @@ class HFT(Method):
     def after_step(self, n: int) -> None:
         """Draw a new half every refresh_every steps (hft_round="refresh")."""
         every = self.ctx.config.refresh_every
-        if every and n % every == 0:
+        if every and n % every == 0 and self.stage >= self.ctx.config.hft_from_stage:
             self.install(f"step{n}", step=n)
 
     def install(self, draw: str, step: Optional[int]) -> None:
@@ -131,7 +143,8 @@ class HFT(Method):
 
     def record_extra(self):
         cfg = self.ctx.config
-        return {"hft": {"unit": cfg.hft_unit, "round": cfg.hft_round, "draws": list(self.draws)}}
+        return {"hft": {"unit": cfg.hft_unit, "round": cfg.hft_round, "from_stage": cfg.hft_from_stage,
+                        "draws": list(self.draws)}}
 
     def state_dict(self):
         return {"draws": list(self.draws)}
