@@ -41,7 +41,7 @@ def slugs(markdown):
         n = seen.get(slug, 0)
         seen[slug] = n + 1
         out.add(slug if n == 0 else f"{slug}-{n}")
-    return out
+    return out | set(re.findall(r'<a id="([^"]+)"></a>', markdown))  # explicit anchors (docs/GLOSSARY.md)
 
 
 def broken_links(path):
@@ -75,9 +75,9 @@ def test_relative_links_in_docs_readme_and_notebooks_resolve():
 
 
 def test_the_link_checker_catches_a_missing_file_and_a_missing_heading(tmp_path):
-    (tmp_path / "a.md").write_text("# Q2'. Pretrained base, then one task\n")
+    (tmp_path / "a.md").write_text("# Q2'. Pretrained base, then one task\n<a id=\"term\"></a>**term**\n")
     page = tmp_path / "b.md"
-    page.write_text("[ok](a.md#q2-pretrained-base-then-one-task) [web](https://example.org/x.md) "
+    page.write_text("[ok](a.md#q2-pretrained-base-then-one-task) [web](https://example.org/x.md) [t](a.md#term) "
                     "[gone](missing.md) [bad anchor](a.md#nope) ![img](also-missing.png)")
     assert broken_links(page) == ["missing.md", "a.md#nope"]
 
