@@ -22,25 +22,22 @@ TERMS = [
     (r"\bretention\b", "retention"), (r"\bBWT\b", "bwt"), (r"\barms?\b", "arm"),
     (r"\bverdict rule\b|\bone rule\b", "verdict-rule"), (r"\bprofile\b", "profile"), (r"`tiny-base`", "tiny-base"),
 ]
-PROTECTED = re.compile(r"`[^`]*`|\[[^\]]*\]\([^)]*\)|<[^>]+>|\*\*[^*]*\]\([^)]*\)\*\*")
+PROTECTED = re.compile(r"`[^`]*`|\[[^\]]*\]\([^)]*\)|<[^>]+>|https?://\S+")
 
 
 def link_first(text: str, pattern: str, anchor: str) -> tuple:
-    """Return (text with the first unprotected match linked, whether it linked) — headings and code skipped."""
-    out, pos = [], 0
-    lines = text.split("\n")
-    for i, line in enumerate(lines):
-        if line.lstrip().startswith("#"):
+    """Return (text with the first unprotected match linked, whether it linked): matches inside code spans, links
+    (whose text may span lines), HTML tags and headings are skipped."""
+    spans = [m.span() for m in PROTECTED.finditer(text)]
+    for m in re.finditer(pattern, text):
+        line_start = text.rfind("\n", 0, m.start()) + 1
+        if text[line_start:].lstrip().startswith("#"):
             continue
-        spans = [m.span() for m in PROTECTED.finditer(line)]
-        for m in re.finditer(pattern, line):
-            if any(a <= m.start() < b for a, b in spans) and not pattern.startswith("`"):
-                continue
-            if pattern.startswith("`") and any(a <= m.start() < b and (a, b) != m.span() for a, b in spans):
-                continue
-            word = m.group(0)
-            lines[i] = line[:m.start()] + f"[{word}]({GLOSSARY}#{anchor})" + line[m.end():]
-            return "\n".join(lines), True
+        inside = [(a, b) for a, b in spans if a <= m.start() < b]
+        # a backticked term (`tiny-base`) may be linked as a whole code span, never from inside a longer one
+        if inside and not (pattern.startswith("`") and inside == [m.span()]):
+            continue
+        return text[:m.start()] + f"[{m.group(0)}]({GLOSSARY}#{anchor})" + text[m.end():], True
     return text, False
 
 

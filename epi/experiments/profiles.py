@@ -227,8 +227,8 @@ class ExperimentConfig:
                 self.protocol != "sequential" or self.hft_from_stage >= len(self.tasks)):
             stages = len(self.tasks) if self.protocol == "sequential" else 1
             raise ValueError(f"hft_from_stage must name one of the run's {stages} stage(s) (0-based; protocol "
-                             f"{self.protocol!r}), got {self.hft_from_stage}: a later start would freeze nothing; a start "
-                             "after stage 0 needs protocol 'sequential' and a value below its number of tasks")
+                             f"{self.protocol!r}), got {self.hft_from_stage}: a later start would freeze nothing; "
+                             "a start after stage 0 needs protocol 'sequential' and a value below its number of tasks")
         if not 0 <= self.replay_fraction < 1:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
         if not 0 <= self.slerp_weight <= 1:
