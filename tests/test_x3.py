@@ -3,7 +3,6 @@ estimation noise is not (negative control), and the smoke run end to end."""
 import json
 import math
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch

@@ -70,7 +70,8 @@ def jaccard(a: Packed, b: Packed, tensors: Optional[Sequence[int]] = None) -> fl
     return inter / union if union else 1.0
 
 
-def scope_masks(per_task: Dict[str, Sequence[torch.Tensor]], ratio: float, normalize: str = "layer_mean") -> Dict[str, Packed]:
+def scope_masks(per_task: Dict[str, Sequence[torch.Tensor]], ratio: float,
+                normalize: str = "layer_mean") -> Dict[str, Packed]:
     """Return {scope: packed masks}: "global" from the pooled importance (mean of the task means) and one
     scope per task, each the top-p set of `top_p_masks` at `ratio` with `normalize`, as the EPI engine makes it."""
     tasks = list(per_task)
@@ -99,10 +100,12 @@ class Estimates:
 
     @property
     def replicates(self) -> List[int]:
+        """Return the replicate indices stored."""
         return sorted({r for _, r, _ in self.masks})
 
     @property
     def scopes(self) -> List[str]:
+        """Return the scopes of the masks: "global" first, then the tasks in name order."""
         first = next(iter(self.masks.values()))
         return [GLOBAL] + sorted(s for s in first if s != GLOBAL)
 
@@ -260,7 +263,8 @@ def figure(frame: pd.DataFrame, out: str | Path, title: str = "X3: drift against
     ax.axhline(0, color="grey", lw=0.8)
     ax.axhline(MINIMUM, color="grey", lw=0.8, ls=":", label=f"minimum {MINIMUM}")
     ax.set(xlabel="distance between checkpoints (optimizer steps)",
-           ylabel="excess drift D (Jaccard below the noise floor)", title="excess drift by lag (bars: sd over replicates)")
+           ylabel="excess drift D (Jaccard below the noise floor)",
+           title="excess drift by lag (bars: sd over replicates)")
     ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()

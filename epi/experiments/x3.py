@@ -13,7 +13,8 @@ Jaccards, excess drift and claims are `epi.analysis.noise_floor`'s (its docstrin
 Writes drift.csv (scope, t, t2, lag, replicate, j_same_t, j_same_t2, j_cross, excess), per_layer.csv,
 scopes.csv, claims.md, summary.json, figures/x3_drift.png and README.md (command, settings, hardware, wall time).
 The estimation batches come from the training records (a permutation of their own); disjointness within a
-checkpoint is what the design needs, not batches unseen by training.
+checkpoint is what the design needs, not batches unseen by training. X3 runs on the CPU whatever the runtime
+(tiny-base: minutes on one thread); the profile's `device` setting is not read.
 """
 from __future__ import annotations
 
@@ -21,17 +22,19 @@ import argparse
 import json
 import logging
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 
 from ..analysis import noise_floor as nf
 from .profiles import resolve
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,9 @@ ESTIMATION_EPOCH = 10_007   # the estimation batches: the batchers' permutation 
 @dataclass
 class X3Result:
     """What one X3 run produced: the frames, the claims, the per-scope table and where it wrote them."""
-    drift: "object"
-    per_layer: "object"
-    scopes: "object"
+    drift: "pd.DataFrame"       # noise_floor.drift_frame
+    per_layer: "pd.DataFrame"   # noise_floor.per_layer_frame
+    scopes: "pd.DataFrame"      # noise_floor.scope_table
     claims: List[dict]
     summary: dict
     out: Path
@@ -59,7 +62,8 @@ def checkpoint_steps(total: int, k: int) -> List[int]:
     return sorted({round(i * total / (k - 1)) for i in range(k)})
 
 
-def estimate(model, batchers: Dict[str, object], batch_ids: Sequence[int], order: Dict[str, list]) -> Dict[str, List[torch.Tensor]]:
+def estimate(model, batchers: Dict[str, object], batch_ids: Sequence[int],
+             order: Dict[str, list]) -> Dict[str, List[torch.Tensor]]:
     """Return {task: mean of g² over the given batches of that task}, one float32 tensor per isolatable tensor."""
     from ..engine.config import EPIConfig
     from ..engine.core import isolatable
@@ -118,8 +122,8 @@ def run(profile: str = "smoke", seed: int = 0, out: str | Path = "results/x3", c
     need = 2 * reps * m
     short = {t: len(b) for t, b in batchers.items() if len(b) < need}
     if short:
-        raise ValueError(f"{need} estimation batches per task needed (2 × replicates × batches), but the batchers hold "
-                         f"{short}: lower replicates/batches or raise train_records")
+        raise ValueError(f"{need} estimation batches per task needed (2 × replicates × batches), but the batchers "
+                         f"hold {short}: lower replicates/batches or raise train_records")
     order = {t: b.order(ESTIMATION_EPOCH) for t, b in batchers.items()}
     halves = {(r, h): list(range((2 * r + j) * m, (2 * r + j + 1) * m)) for r in range(reps)
               for j, h in enumerate("AB")}
