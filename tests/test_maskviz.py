@@ -96,7 +96,7 @@ def test_different_shapes_or_non_bool_masks_are_refused_with_a_clear_error():
 
 
 def test_evolution_figure_has_counts_in_titles_a_legend_and_the_pooled_data():
-    masks, expected = known_masks()
+    masks, _ = known_masks()
     frames = maskviz.evolution(masks)
     fig = maskviz.plot_evolution({"math's set": frames, "code's set": frames}, tensor="L0.q")
     try:
