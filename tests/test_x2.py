@@ -160,6 +160,9 @@ def test_analyse_writes_the_results_folder(tmp_path):
         folder = runs / f"{r['arm']}-{a}-{b}-s{r['seed']}"
         folder.mkdir(parents=True)
         (folder / "results.json").write_text(json.dumps(r))
+    parts = [{"wall_s": 600.0, "runs": 30, "workers": 2, "date": "d1"}, {"wall_s": 300.0, "runs": 10, "workers": 2,
+                                                                          "date": "d2"}]
+    (runs / "grid_time.json").write_text(json.dumps({"invocations": parts}))  # a grid run in two parts
     out = tmp_path / "x2"
     claims = x2.analyse(runs, out)
     assert {p.name for p in out.iterdir()} >= {"summary.csv", "summary.md", "claims.md", "claims.csv", "README.md",
@@ -169,4 +172,5 @@ def test_analyse_writes_the_results_folder(tmp_path):
     assert "retains more of A" in text and "supported" in text
     readme = (out / "README.md").read_text()
     assert "python -m epi.experiments.x2 run" in readme and "40 runs" in readme and "warmup_steps 24" in readme
+    assert "2 invocation(s) of `run` taking 15.0 min wall in all" in readme
     assert len(claims) == len(x2.claims_spec())

@@ -244,7 +244,7 @@ def readme(records: Sequence[dict], runs: str | Path, command: str) -> str:
     """Return the results folder's README: the commands, the settings the runs share and the time they took."""
     cfg = records[0]["config"]
     timing = Path(runs) / "grid_time.json"
-    grid = json.loads(timing.read_text()) if timing.is_file() else None
+    parts = json.loads(timing.read_text())["invocations"] if timing.is_file() else []
     total = sum(r.get("wall_s") or 0.0 for r in records)
     lines = ["# X2 — evolving vs static where forgetting exists", "",
              "Made by:", "", "```", f"python -m epi.experiments.x2 run --runs {runs}", command, "```", "",
@@ -252,8 +252,9 @@ def readme(records: Sequence[dict], runs: str | Path, command: str) -> str:
              f"Arms: {', '.join(labels().values())}.", "",
              f"Time: {len(records)} runs, {total / 60:.1f} min of run time in all (mean {total / len(records):.0f} s "
              "per run, 1 thread each)"
-             + (f"; the grid took {grid['wall_s'] / 60:.1f} min wall with {grid['workers']} worker(s) "
-                f"({grid['runs']} runs, {grid['date']})." if grid else "."), "",
+             + (f"; trained in {len(parts)} invocation(s) of `run` taking {sum(p['wall_s'] for p in parts) / 60:.1f} "
+                "min wall in all (" + "; ".join(f"{p['runs']} run(s), {p['workers']} worker(s), {p['wall_s'] / 60:.1f} "
+                                               f"min, {p['date']}" for p in parts) + ")." if parts else "."), "",
              "Files: summary.csv / summary.md (one row per run), claims.md / claims.csv (the decided claims), "
              "figures/x2_effects.png."]
     return "\n".join(lines) + "\n"
@@ -283,10 +284,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.time()
         run_grid(todo, args.runs, workers=args.workers, say=lambda m: print(m, flush=True))
         wall = time.time() - t0
-        if missing:  # the wall time of the invocation that trained runs (a rerun that only reuses them keeps it)
-            (Path(args.runs) / "grid_time.json").write_text(json.dumps(
-                {"wall_s": round(wall, 1), "runs": missing, "workers": args.workers,
-                 "date": time.strftime("%Y-%m-%d %H:%M")}) + "\n")
+        if missing:  # each invocation that trained runs adds its wall time (a grid may be run in parts)
+            timing = Path(args.runs) / "grid_time.json"
+            parts = json.loads(timing.read_text())["invocations"] if timing.is_file() else []
+            parts.append({"wall_s": round(wall, 1), "runs": missing, "workers": args.workers,
+                          "date": time.strftime("%Y-%m-%d %H:%M")})
+            timing.write_text(json.dumps({"invocations": parts}, indent=1) + "\n")
         print(f"X2: {len(todo)} runs ready ({missing} trained) in {wall:.0f} s")
         return 0
     claims = analyse(args.runs, args.out)
