@@ -21,7 +21,7 @@ Directions are averaged inside a seed (epi.analysis.evidence), so the four seeds
   python -m epi.experiments.x2 run [--workers 2] [--runs artifacts/runs/x2]      # missing runs only
   python -m epi.experiments.x2 analyse [--runs artifacts/runs/x2] [--out results/x2]
 
-`analyse` writes summary.csv / summary.md (one row per run; the CPI-FT Table 2 shape per arm and direction),
+`analyse` writes summary.csv (one row per run), summary.md (the CPI-FT Table 2 shape per arm and direction),
 claims.md and claims.csv (each claim: effect, 95 % interval, verdict, and the smallest effect the design could
 have detected at 80 % power), the figure figures/x2_effects.png and README.md (command, settings, wall time).
 
@@ -255,7 +255,8 @@ def readme(records: Sequence[dict], runs: str | Path, command: str) -> str:
              + (f"; trained in {len(parts)} invocation(s) of `run` taking {sum(p['wall_s'] for p in parts) / 60:.1f} "
                 "min wall in all (" + "; ".join(f"{p['runs']} run(s), {p['workers']} worker(s), {p['wall_s'] / 60:.1f} "
                                                f"min, {p['date']}" for p in parts) + ")." if parts else "."), "",
-             "Files: summary.csv / summary.md (one row per run), claims.md / claims.csv (the decided claims), "
+             "Files: summary.csv (one row per run), summary.md (Table 2 shape per arm and direction), claims.md / "
+             "claims.csv (the decided claims), "
              "figures/x2_effects.png."]
     return "\n".join(lines) + "\n"
 
