@@ -77,3 +77,16 @@ def test_savefig_writes_png(tmp_path):
     fig, _ = plt.subplots()
     path = plots.savefig(fig, "x", tmp_path)
     assert path == tmp_path / "figures" / "x.png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_drift_readings_keep_their_colours_and_shares_their_scale():
+    ax = plots.drift_curves(_history())
+    by_label = {l.get_label(): to_hex(l.get_color()) for l in ax.get_lines()}
+    assert by_label["Jaccard vs previous mask"] == plots.DRIFT_COLOURS["jaccard_prev"]
+    assert by_label["Jaccard vs first mask"] == plots.DRIFT_COLOURS["jaccard_first"]
+    ax = plots.per_layer_heatmap(_history(), ratio=0.1)
+    mesh = ax.collections[0]
+    assert mesh.norm.vmin == 0.0 and mesh.norm.vmax == pytest.approx(0.2)     # 0 to 2p: p mid-scale
+    assert "protected share" in mesh.colorbar.ax.get_ylabel()
+    ax = plots.lines([1, 2], {"a": [0.1, 0.2]}, colours={"a": "#123456"})
+    assert to_hex(ax.get_lines()[0].get_color()) == "#123456"

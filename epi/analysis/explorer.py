@@ -27,6 +27,7 @@ from ..engine.config import EPIConfig
 from ..engine.core import isolatable
 from ..engine.importance import ImportanceTracker
 from ..engine.masks import mask_overlap, top_p_masks
+from .plots import DRIFT_COLOURS
 
 SCORES = ("fisher", "taylor", "grad", "delta")
 NORMALIZERS = ("layer_mean", "layer_max", "none")
@@ -146,9 +147,9 @@ def draw(result: Dict[str, object], tensor: int = 0, fig=None, title: str = ""):
     fig.clear()
     ax1, ax2, ax3 = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.1, 1.2, 1.0]})
     steps = result["steps"]
-    for key, label, colour in (("jaccard_prev", "vs previous mask", "#1b9e77"), ("jaccard_first", "vs first mask", "#7570b3")):
+    for key, label in (("jaccard_prev", "vs previous mask"), ("jaccard_first", "vs first mask")):
         ys = [np.nan if v is None else v for v in result[key]]
-        ax1.plot(steps, ys, marker="o", ms=4, label=label, color=colour)
+        ax1.plot(steps, ys, marker="o", ms=4, label=label, color=DRIFT_COLOURS[key])
     ax1.set(xlabel="optimizer step", ylabel="Jaccard of protected sets", ylim=(-0.05, 1.05), title="Drift at each refresh")
     ax1.legend(fontsize=8)
     share = np.array(result["share"]).T * 100

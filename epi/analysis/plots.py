@@ -18,6 +18,8 @@ METHOD_COLOURS = {
     "ewc": "#386cb0", "replay": "#80b1d3",
 }
 METHOD_ORDER = list(METHOD_COLOURS)
+# the drift readings keep one colour in every figure (01's curves, 03's engine history, the explorer)
+DRIFT_COLOURS = {"jaccard_prev": "#1b9e77", "jaccard_first": "#7570b3", "spearman_prev": "#636363"}
 
 
 def set_style() -> None:
@@ -69,7 +71,7 @@ def drift_curves(history: Sequence[dict], ax=None, key: Optional[str] = None, ti
     for field, label in (("jaccard_prev", "Jaccard vs previous mask"), ("jaccard_first", "Jaccard vs first mask"),
                          ("spearman_prev", "Spearman vs previous importance")):
         ys = [np.nan if h.get(field) is None else h[field] for h in rows]
-        ax.plot(steps, ys, marker="o", ms=3, label=label)
+        ax.plot(steps, ys, marker="o", ms=3, label=label, color=DRIFT_COLOURS[field])
     ax.set(xlabel="optimizer step", ylabel="similarity", ylim=(-0.05, 1.05), title=title)
     ax.legend(fontsize=8)
     return ax
@@ -86,8 +88,10 @@ def matrix_heatmap(matrix: np.ndarray, labels: Sequence, ax=None, title: str = "
     return ax
 
 
-def per_layer_heatmap(history: Sequence[dict], ax=None, key: Optional[str] = None, title: str = "Protected share per tensor"):
-    """Plot each tensor's protected share at every refresh (rows: tensors, columns: refresh steps)."""
+def per_layer_heatmap(history: Sequence[dict], ax=None, key: Optional[str] = None, title: str = "Protected share per tensor",
+                      ratio: Optional[float] = None):
+    """Plot each tensor's protected share at every refresh (rows: tensors, columns: refresh steps). With `ratio`
+    (p) the colour scale runs from 0 to 2p, so a share at p sits mid-scale and one-point differences stay small."""
     import seaborn as sns
     ax = _ax(ax)
     rows = [h for h in history if key is None or h["scope_key"] == key]
@@ -95,8 +99,9 @@ def per_layer_heatmap(history: Sequence[dict], ax=None, key: Optional[str] = Non
     data = np.array([[h["per_layer"][n] for h in rows] for n in names])
     short = [n.replace("model.layers.", "L").replace(".weight", "").replace("self_attn.", "").replace("mlp.", "")
              for n in names]
+    scale = {} if ratio is None else {"vmin": 0.0, "vmax": max(2 * ratio, float(np.nanmax(data)))}
     sns.heatmap(data, yticklabels=short, xticklabels=[h["step"] for h in rows], cmap="magma", ax=ax,
-                cbar_kws={"shrink": 0.8})
+                cbar_kws={"shrink": 0.8, "label": "protected share (fraction of the tensor)"}, **scale)
     ax.set(xlabel="refresh step", title=title)
     ax.tick_params(axis="y", labelsize=7)
     return ax
@@ -118,13 +123,16 @@ def method_bars(df, columns: Sequence[str], ax=None, title: str = "", ylabel: st
 
 
 def lines(xs: Sequence, series: Dict[str, Sequence[float]], ax=None, xlabel: str = "", ylabel: str = "",
-          title: str = "", errors: Optional[Dict[str, Sequence[float]]] = None, logx: bool = False):
-    """Plot one line per series (optionally with ± error bands)."""
+          title: str = "", errors: Optional[Dict[str, Sequence[float]]] = None, logx: bool = False,
+          colours: Optional[Dict[str, str]] = None):
+    """Plot one line per series (optionally with ± error bands; say in the labels what the bands are). A series
+    named after a method takes the method's colour; `colours` sets others (e.g. DRIFT_COLOURS' readings)."""
     ax = _ax(ax)
     for name, ys in series.items():
         ys = np.asarray(ys, dtype=float)
         # a method keeps its colour here too; other series take the style's cycle
-        colour = {"color": method_colour(name)} if name.partition("@")[0] in METHOD_COLOURS else {}
+        colour = ({"color": colours[name]} if colours and name in colours else
+                  {"color": method_colour(name)} if name.partition("@")[0] in METHOD_COLOURS else {})
         (line,) = ax.plot(xs, ys, marker="o", ms=4, label=name, **colour)
         if errors and name in errors:
             e = np.asarray(errors[name], dtype=float)
