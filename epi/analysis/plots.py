@@ -171,3 +171,30 @@ def effect_intervals(claims: Sequence[dict], ax=None, minimum: float = 0.0, titl
     ax.legend(handles=handles, fontsize=7, loc="lower right", title="verdict (95% interval)", title_fontsize=7)
     ax.set(xlabel=xlabel, title=title)
     return ax
+
+
+def per_task_intervals(readings: Dict[str, Dict[str, object]], ax=None, title: str = "",
+                       xlabel: str = "mix score − single-task reference (fraction of prompts)"):
+    """Plot, per task (rows), each method's effect with its 95 % interval from the one rule (a Verdict per task,
+    e.g. `evidence.seesaw(...).per_task`), methods side by side in their colours; a line at 0."""
+    ax = _ax(ax)
+    methods = sorted(readings, key=method_sort_key)
+    tasks = list(dict.fromkeys(t for m in methods for t in readings[m]))
+    width = 0.7 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        colour = method_colour(m)
+        for i, t in enumerate(tasks):
+            v = readings[m].get(t)
+            if v is None:
+                continue
+            y = i + (j - (len(methods) - 1) / 2) * width
+            lo, hi = v.interval
+            if np.isfinite(lo) and np.isfinite(hi):
+                ax.plot([lo, hi], [y, y], color=colour, lw=2)
+            ax.plot([v.effect], [y], "o", color=colour, ms=5, label=m if i == 0 else None)
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set(xlabel=xlabel, title=title)
+    ax.legend(fontsize=7, title="dot: effect · line: 95% interval", title_fontsize=7)
+    return ax
