@@ -174,7 +174,8 @@ def lag_effects(frame: pd.DataFrame, scope: str = GLOBAL, start: Optional[int] =
 
 def _decided(text: str, measured: str, effects: Sequence[float], minimum: float, evidence_text: str) -> dict:
     v = stats.verdict([float(e) for e in effects], direction="increase", minimum=minimum)
-    return evidence.claim(text, measured, v.verdict, evidence=f"{evidence_text} · {v.describe()}",
+    # the verdict line (effect, interval, replicates as "seeds", rule) goes where every claims table shows it
+    return evidence.claim(text, f"{measured}; {v.describe()}", v.verdict, evidence=evidence_text,
                           decision=v.to_dict())
 
 
