@@ -92,9 +92,14 @@ def main(profile: str = "cpu", seed: int = 0, out: str = "artifacts") -> int:
     root = repo_root()
     out_dir = (root / out) if not Path(out).is_absolute() else Path(out)
     t_all = time.time()
+    timings = {}
     for prefix in NOTEBOOKS:
-        execute(prefix, profile, seed, out_dir / "notebooks", out_dir)
+        t0 = time.time()
+        path = execute(prefix, profile, seed, out_dir / "notebooks", out_dir)
+        timings[path.stem] = time.time() - t0
     report = write_report(out_dir / profile, out=out_dir / "report.md", notebooks=NOTEBOOKS,
-                          title=f"EPI reproduction report (profile {profile}, seed {seed})")
+                          title=f"EPI reproduction report (profile {profile}, seed {seed})", timings=timings)
+    for name, t in timings.items():   # the per-notebook time, printed at the end and written into the report
+        print(f"[reproduce] {name}: {t / 60:.1f} min", flush=True)
     print(f"[reproduce] wrote {report} in {time.time() - t_all:.0f} s")
     return 0

@@ -24,6 +24,9 @@ def test_report_collects_claims_tables_and_figures(tmp_path):
     # a reproduction of 01 only leaves 04's older summary out of its report
     only = write_report(tmp_path, notebooks=("01",)).read_text()
     assert "importance drifts" in only and "04 · Y" not in only
+    assert "Time per notebook" not in only                      # no timings given: no made-up table
+    timed = write_report(tmp_path, timings={"01_x": 185.2, "04_y": 41.0}).read_text()
+    assert "| 01_x | 3 min 5 s |" in timed and "| 04_y | 41 s |" in timed and "| **total** | **3 min 46 s** |" in timed
 
 
 def test_claim_verdicts_are_checked_and_missing_summaries_explained(tmp_path):

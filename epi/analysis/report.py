@@ -115,12 +115,19 @@ def multiplicity_note(claims: Sequence[dict]) -> str:
     return " ".join(lines)
 
 
+def _minutes(seconds: float) -> str:
+    """Return a wall time as "12 min 5 s" (or "41 s")."""
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m} min {sec} s" if m else f"{sec} s"
+
+
 def write_report(artifacts: str | Path, out: Optional[str | Path] = None, title: str = "EPI reproduction report",
-                 notebooks: Optional[Sequence[str]] = None) -> Path:
+                 notebooks: Optional[Sequence[str]] = None, timings: Optional[Dict[str, float]] = None) -> Path:
     """Collect `<artifacts>/*/summary.json` into `<artifacts>/report.md`; return its path.
 
     notebooks: folder-name prefixes to include (e.g. ("01", "02")), so a summary left by an earlier run of
     another notebook (another profile, another day) does not enter this report; None = every summary.
+    timings: {notebook: wall seconds} of the run that made them, written as a table (with the total).
     """
     artifacts = Path(artifacts)
     summaries = [json.loads(p.read_text()) | {"_dir": p.parent}
@@ -137,6 +144,10 @@ def write_report(artifacts: str | Path, out: Optional[str | Path] = None, title:
                           notebooks=[s["notebook"] for s in summaries for _ in s["claims"]]),
              "", "### How many claims (multiplicity)", "",
              multiplicity_note([c for s in summaries for c in s["claims"]])]
+    if timings:
+        lines += ["", "## Time per notebook", "", "| notebook | wall time |", "|---|---|"]
+        lines += [f"| {name} | {_minutes(t)} |" for name, t in timings.items()]
+        lines.append(f"| **total** | **{_minutes(sum(timings.values()))}** |")
     for s in summaries:
         rel = s["_dir"].relative_to(out.parent) if out.parent in s["_dir"].parents or s["_dir"] == out.parent \
             else s["_dir"]
