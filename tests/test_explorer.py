@@ -67,13 +67,6 @@ def test_settings_move_the_mask_as_they_should(recordings):
         assert explorer.replay(rec, score=score, refresh_every=5)["steps"] == [5, 10]
 
 
-def test_transitions_classify_each_coordinate():
-    prev = torch.tensor([[True, True, False, False]])
-    cur = torch.tensor([[True, False, True, False]])
-    assert explorer.transitions(prev, cur).tolist() == [[1, 3, 2, 0]]
-    assert explorer.transitions(None, cur).tolist() == [[2, 0, 2, 0]]
-
-
 @pytest.mark.parametrize("kwargs, word", [({"score": "hessian"}, "score"), ({"normalize": "z"}, "normalize"),
                                           ({"ratio": 1.5}, "ratio"), ({"beta": 1.0}, "beta"),
                                           ({"refresh_every": -1}, "refresh_every"),

@@ -27,6 +27,7 @@ from ..engine.config import EPIConfig
 from ..engine.core import isolatable
 from ..engine.importance import ImportanceTracker
 from ..engine.masks import mask_overlap, top_p_masks
+from . import maskviz
 from .plots import DRIFT_COLOURS
 
 SCORES = ("fisher", "taylor", "grad", "delta")
@@ -120,21 +121,6 @@ def replay(rec: Recording, ratio: float = 0.05, beta: float = 0.99, refresh_ever
     return out
 
 
-def transitions(previous: Optional[torch.Tensor], current: torch.Tensor) -> np.ndarray:
-    """Return a map of one tensor's mask change: 0 free, 1 kept, 2 newly protected, 3 released."""
-    cur = current.bool().numpy()
-    prev = np.zeros_like(cur) if previous is None else previous.bool().numpy()
-    out = np.zeros(cur.shape, dtype=np.int8)
-    out[cur & prev] = 1
-    out[cur & ~prev] = 2
-    out[~cur & prev] = 3
-    return out
-
-
-TRANSITION_COLOURS = ("#f7f7f7", "#4d4d4d", "#1b9e77", "#d95f02")   # free, kept, newly protected, released
-TRANSITION_LABELS = ("free", "kept", "newly protected", "released")
-
-
 def draw(result: Dict[str, object], tensor: int = 0, fig=None, title: str = ""):
     """Draw a replay: drift per refresh, the protected share per tensor × refresh, and one tensor's mask at the
     last refresh coloured by what happened to each coordinate there (kept, newly protected, released)."""
@@ -162,12 +148,11 @@ def draw(result: Dict[str, object], tensor: int = 0, fig=None, title: str = ""):
     fig.colorbar(im, ax=ax2, shrink=0.8)
     masks = result["masks"]
     prev = masks[-2][tensor] if len(masks) > 1 else None
-    m = transitions(prev, masks[-1][tensor])
-    if m.ndim == 1:
-        m = m[None, :]
-    ax3.imshow(m, aspect="auto", cmap=ListedColormap(TRANSITION_COLOURS), vmin=0, vmax=3, interpolation="nearest")
+    m = maskviz.transition_codes(prev, masks[-1][tensor])   # the same classes and colours as the mask figures
+    colours = [maskviz.CLASS_COLOURS[c] for c in (maskviz.FREE, maskviz.KEPT, maskviz.NEW, maskviz.RELEASED)]
+    ax3.imshow(m, aspect="auto", cmap=ListedColormap(colours), vmin=0, vmax=3, interpolation="nearest")
     ax3.set(xlabel="input coordinate", ylabel="output coordinate", title=f"{short[tensor]} at step {steps[-1]}")
-    ax3.legend(handles=[Patch(color=c, label=lab) for c, lab in zip(TRANSITION_COLOURS[1:], TRANSITION_LABELS[1:])],
+    ax3.legend(handles=[Patch(color=maskviz.CLASS_COLOURS[c], label=name) for c, name in maskviz.CLASS_NAMES.items()],
                fontsize=7, loc="upper right", framealpha=0.9)
     if title:
         fig.suptitle(title, fontsize=10)
