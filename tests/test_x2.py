@@ -53,7 +53,8 @@ def _tiny(method, **arm):
                    **{**settings, **arm})
 
 
-def test_every_arm_learns_stage_a_as_full_sft_does_and_isolates_from_the_boundary_only(tmp_path):
+def test_every_arm_learns_stage_a_as_full_sft_does_and_isolates_from_the_boundary_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPI_CACHE", str(tmp_path / "cache"))
     runs = {name: run_experiment(_tiny(m, **arm), tmp_path)
             for name, m, arm in (("full_sft", "full_sft", {}), ("epi", "epi", {}),
                                  ("static", "epi", {"refresh_every": NEVER_REFRESH}),
@@ -83,6 +84,15 @@ def test_every_arm_learns_stage_a_as_full_sft_does_and_isolates_from_the_boundar
         assert rec["losses"][:STAGE] != full["losses"][:STAGE]
     assert [d["draw"] for d in hft0["hft"]["draws"]] == ["stage0", "stage1"]
     assert len(hft0["protected_fraction"]) == 2 * STAGE
+    # A after A was evaluated once for the five arms (the score cache is keyed by the weights); the two negative
+    # controls trained other weights in A, so each added its own entry; the last stage is never cached
+    stage_cache = tmp_path / "cache" / "stage_scores"
+    assert len(list(stage_cache.glob("*.json"))) == 3
+    # and a cached entry equals a fresh evaluation of the same weights
+    for entry in stage_cache.glob("*.json"):
+        entry.unlink()
+    fresh = run_experiment(_tiny("epi"), tmp_path / "fresh")
+    assert fresh["stage_scores"][0] == full["stage_scores"][0] and fresh["losses"] == runs["epi"]["losses"]
 
 
 def _design_records(epi_keeps, n=96, seeds=range(4)):

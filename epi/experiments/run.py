@@ -161,9 +161,16 @@ class Run:
         return evaluate(self.model, self.tokenizer, self.eval_sets)
 
     def evaluate_start(self) -> Dict[str, dict]:
-        """Return the start model's scores, cached on disk by (weights, eval sets, threads, device): every run
-        of a grid that starts from the same model would otherwise repeat the same greedy evaluation. An entry
-        without per-prompt scores (written before they existed) is stale: it is recomputed and replaced."""
+        """Return the start model's scores, cached on disk (`evaluate_cached`): every run of a grid that starts
+        from the same model would otherwise repeat the same greedy evaluation."""
+        return self.evaluate_cached("start_scores")
+
+    def evaluate_cached(self, folder: str) -> Dict[str, dict]:
+        """Return the model's scores, cached under cache_root()/`folder` by (weights, eval sets, threads, device):
+        greedy decoding on one device and thread count is a function of those, so an equal key is an equal
+        evaluation. Runs that share a stage (X2's arms all learn task A identically before isolation starts)
+        evaluate it once. An entry without per-prompt scores (written before they existed) is stale: it is
+        recomputed and replaced."""
         import hashlib
 
         from ..models import cache_root
@@ -172,7 +179,7 @@ class Run:
         if self.device.type != "cpu":  # GPU kernels round differently; CPU keys stay as they were
             where.append(self.device.type)
         key = hashlib.sha1(json.dumps(where, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        path = cache_root() / "start_scores" / f"{key}.json"
+        path = cache_root() / folder / f"{key}.json"
         if path.is_file():
             try:
                 cached = json.loads(path.read_text())
@@ -186,14 +193,14 @@ class Run:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 reason = f"is not valid JSON ({e})"
             if reason is None:
-                self.say(f"start-score cache {path} predates per-prompt scores: recomputed and replaced")
+                self.say(f"score cache {path} predates per-prompt scores: recomputed and replaced")
             else:
                 aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
                 try:
                     os.replace(path, aside)
                 except FileNotFoundError:  # a parallel run moved it first
                     pass
-                self.say(f"start-score cache {path} {reason}: moved aside to {aside.name}; "
+                self.say(f"score cache {path} {reason}: moved aside to {aside.name}; "
                          "rebuilt from a fresh evaluation")
         scores = self.evaluate()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +336,8 @@ class Run:
                                 plugins=plugins, clip=cfg.clip, callback=compose(hooks),
                                 desc=f"stage {k + 1}/{len(self.stage_list)}", scaler=self.scaler)
             self.method.stage_end(self.ctx, k, tasks)
-            scores = self.evaluate()
+            # an earlier stage may equal another run's (same seed, data and weights): look it up first
+            scores = self.evaluate() if k == last_stage else self.evaluate_cached("stage_scores")
             record["stage_scores"].append(scores)
             if self.general is not None:
                 record["general"].append(self.general.measure(self.model))

@@ -75,11 +75,12 @@ def arms() -> List[Dict[str, object]]:
 def configs(seeds: Sequence[int] = SEEDS, profile: str = PROFILE, eval_records: int = EVAL_RECORDS,
             pair: Sequence[str] = PAIR) -> List[ExperimentConfig]:
     """Return every run of the design: each arm at each seed in both directions, isolation from the boundary
-    (warmup_steps = the profile's steps_per_task)."""
+    (warmup_steps = the profile's steps_per_task). Arm-major: the first arm's runs evaluate every (order, seed)'s
+    A after A, and the other arms, which learn A identically, read it from the score cache (run.evaluate_cached)."""
     stage = resolve(profile).steps_per_task
     return [resolve(profile, protocol="sequential", tasks=order, seed=s, eval_records=eval_records,
                     warmup_steps=stage, **arm)
-            for order in directions(pair) for s in seeds for arm in arms()]
+            for arm in arms() for order in directions(pair) for s in seeds]
 
 
 def labels(profile: str = PROFILE) -> Dict[str, str]:
