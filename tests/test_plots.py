@@ -1,4 +1,6 @@
 """Every figure function renders on a fixture with labelled axes, and a method keeps its colour in every figure."""
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -9,7 +11,7 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 
 import epi.methods  # noqa: E402
-from epi.analysis import plots  # noqa: E402
+from epi.analysis import plots, stats  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +53,26 @@ def test_method_bars_colour_each_method_and_say_what_the_lines_are():
     assert names == ["full_sft", "full_sft@lr=0.00077", "epi", "random"]          # the suite's order
     for handle, name in zip(legend.legend_handles, names):
         assert to_hex(handle.get_facecolor()) == plots.method_colour(name)
-    assert "sd" in legend.get_title().get_text() and ax.get_ylabel() == "score"
+    assert ax.get_ylabel() == "score"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["math", "code", "mean of tasks"]   # words, not columns
+    # the lines are the one rule's intervals (seed range with <= 3 seeds), said so in the legend
+    assert "3 seed(s)" in legend.get_title().get_text() and "range of the seeds" in legend.get_title().get_text()
+    frame = _frame()
+    lo, hi = stats.arm_interval(frame[frame.method == "epi"]["score_math"].tolist())
+    ends = {round(float(y), 9) for line in ax.get_lines() for y in line.get_ydata()}
+    assert (lo, hi) == pytest.approx((0.4, 0.42)) and {round(lo, 9), round(hi, 9)} <= ends
+
+
+def test_arm_interval_is_the_seed_range_below_four_seeds_and_the_bootstrap_above():
+    assert stats.arm_interval([0.2, 0.5, 0.3]) == (0.2, 0.5)
+    assert all(math.isnan(v) for v in stats.arm_interval([0.4]))
+    values = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    lo, hi = stats.arm_interval(values)
+    assert (lo, hi) == stats.hierarchical_bootstrap(values) and 0.1 < lo < 0.45 < hi < 0.8
+    # per-prompt scores widen it by the evaluation noise
+    prompts = [(np.arange(50) < round(50 * v)).astype(float) for v in values]   # each seed's mean is its value
+    plo, phi = stats.arm_interval(prompts)
+    assert phi - plo > hi - lo
 
 
 def test_lines_keep_a_methods_colour_and_band_it_alike():
@@ -90,3 +111,13 @@ def test_drift_readings_keep_their_colours_and_shares_their_scale():
     assert "protected share" in mesh.colorbar.ax.get_ylabel()
     ax = plots.lines([1, 2], {"a": [0.1, 0.2]}, colours={"a": "#123456"})
     assert to_hex(ax.get_lines()[0].get_color()) == "#123456"
+
+
+def test_seed_bands_are_the_rules_interval_per_point_and_say_so():
+    values = np.array([[0.1, np.nan, 0.5], [0.3, 0.2, 0.6], [0.2, 0.4, 0.7]])   # 3 seeds × 3 points
+    lo, hi = plots.seed_bands(values)
+    assert np.allclose(lo, [0.1, np.nan, 0.5], equal_nan=True) and np.allclose(hi, [0.3, np.nan, 0.7], equal_nan=True)
+    assert plots.band_label(3) == "range of the 3 seeds" and plots.band_label(8) == "95% bootstrap interval over seeds"
+    ax = plots.lines([1, 2, 3], {"epi": values[1]}, bands={"epi": (lo, hi)}, xlabel="step", ylabel="Jaccard")
+    (band,) = ax.collections
+    assert to_hex(band.get_facecolor()[0][:3]) == plots.method_colour("epi")

@@ -236,7 +236,7 @@ def figure(frame: pd.DataFrame, out: str | Path, title: str = "X3: drift against
     D by lag; save `out/figures/<name>.png` and return its path."""
     import matplotlib.pyplot as plt
 
-    from .plots import savefig, set_style
+    from .plots import band_label, savefig, seed_bands, set_style
     set_style()
     scopes = list(frame["scope"].unique())
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -259,13 +259,17 @@ def figure(frame: pd.DataFrame, out: str | Path, title: str = "X3: drift against
         by = frame[frame["scope"] == scope].groupby(["lag", "replicate"])["excess"].mean().groupby("lag")
         dt = frame["t2"].max() - frame["t"].min()
         lags = by.mean().index.to_numpy() * (dt / max(1, frame["lag"].max()))
-        ax.errorbar(lags, by.mean().to_numpy(), yerr=by.std(ddof=1).fillna(0).to_numpy(), color=f"C{k}",
+        mean = by.mean().to_numpy()
+        lo, hi = seed_bands(np.column_stack([g.to_numpy() for _, g in by]) if by.size().nunique() == 1 else
+                            np.full((1, len(mean)), np.nan))  # the rule's interval over replicates at each lag
+        yerr = np.nan_to_num(np.vstack([mean - lo, hi - mean]))
+        ax.errorbar(lags, mean, yerr=yerr, color=f"C{k}",
                     lw=2.2 if scope == GLOBAL else 1.0, marker="o", ms=3, capsize=2, label=scope)
     ax.axhline(0, color="grey", lw=0.8)
     ax.axhline(MINIMUM, color="grey", lw=0.8, ls=":", label=f"minimum {MINIMUM}")
     ax.set(xlabel="distance between checkpoints (optimizer steps)",
            ylabel="excess drift D (Jaccard below the noise floor)",
-           title="excess drift by lag (bars: sd over replicates)")
+           title=f"excess drift by lag (bars: {band_label(int(frame['replicate'].nunique())).replace('seeds', 'replicates')})")
     ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()

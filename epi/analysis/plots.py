@@ -108,25 +108,59 @@ def per_layer_heatmap(history: Sequence[dict], ax=None, key: Optional[str] = Non
 
 
 def method_bars(df, columns: Sequence[str], ax=None, title: str = "", ylabel: str = "score"):
-    """Plot mean ± sd over seeds of `columns` per method (grouped bars in the methods' colours, the legend says
-    what the lines are)."""
+    """Plot each method's mean over seeds of `columns` (grouped bars in the methods' colours) with the one rule's
+    interval around it (`stats.arm_interval`: the 95 % bootstrap over seeds, or the seed range with ≤ 3 seeds);
+    the legend says what the lines are."""
     import seaborn as sns
+
+    from .stats import arm_interval, reaches_level
     ax = _ax(ax)
     long = df.melt(id_vars=["method", "seed"], value_vars=list(columns), var_name="metric", value_name="value")
-    long["metric"] = long["metric"].str.replace("score_", "").str.replace("forgetting_", "")
+    long["metric"] = long["metric"].map(nice_label)
     order = sorted(long["method"].unique(), key=method_sort_key)
-    sns.barplot(data=long, x="metric", y="value", hue="method", hue_order=order, errorbar="sd", ax=ax, capsize=0.05, saturation=1,
-                palette={m: method_colour(m) for m in order})
+    sns.barplot(data=long, x="metric", y="value", hue="method", hue_order=order, ax=ax, capsize=0.05, saturation=1,
+                palette={m: method_colour(m) for m in order},
+                errorbar=lambda v: arm_interval(list(v)) if len(v) > 1 else (np.nan, np.nan))
     ax.set(xlabel="", ylabel=ylabel, title=title)
-    ax.legend(fontsize=7, ncol=2, title="bars: mean · lines: ± sd over seeds", title_fontsize=7)
+    seeds = int(df.groupby("method")["seed"].nunique().min()) if len(df) else 0
+    lines = "95% bootstrap interval over seeds" if reaches_level(seeds) else "range of the seeds (≤ 3: no 95% interval)"
+    ax.legend(fontsize=7, ncol=2, title=f"bars: mean over {seeds} seed(s) · lines: {lines}", title_fontsize=7)
     return ax
+
+
+def nice_label(column: str) -> str:
+    """Return a column name in words for a tick label: "score_math" → "math", "mean_score" → "mean of tasks",
+    "forgetting_mean" → "mean of tasks", "learning_code" → "code"."""
+    if column in ("mean_score", "forgetting_mean", "learning_mean"):
+        return "mean of tasks"
+    for prefix in ("score_", "forgetting_", "learning_"):
+        if column.startswith(prefix):
+            return column[len(prefix):]
+    return column.replace("_", " ")
+
+
+def seed_bands(values) -> tuple:
+    """Return (low, high) per column of `values` (seeds × points): the one rule's interval around the mean over
+    seeds at each point (`stats.arm_interval`: the seed range with ≤ 3 seeds, else the 95 % bootstrap); nan where
+    a column holds a nan (e.g. the first refresh's Jaccard to a previous mask) or one seed."""
+    from .stats import arm_interval
+    a = np.asarray(values, dtype=float)
+    ends = [arm_interval(list(col)) if np.isfinite(col).all() and col.size > 1 else (np.nan, np.nan) for col in a.T]
+    return np.array([e[0] for e in ends]), np.array([e[1] for e in ends])
+
+
+def band_label(n_seeds: int) -> str:
+    """Return what `seed_bands` draws for `n_seeds` seeds, for a legend or title."""
+    from .stats import reaches_level
+    return "95% bootstrap interval over seeds" if reaches_level(n_seeds) else f"range of the {n_seeds} seeds"
 
 
 def lines(xs: Sequence, series: Dict[str, Sequence[float]], ax=None, xlabel: str = "", ylabel: str = "",
           title: str = "", errors: Optional[Dict[str, Sequence[float]]] = None, logx: bool = False,
-          colours: Optional[Dict[str, str]] = None):
-    """Plot one line per series (optionally with ± error bands; say in the labels what the bands are). A series
-    named after a method takes the method's colour; `colours` sets others (e.g. DRIFT_COLOURS' readings)."""
+          colours: Optional[Dict[str, str]] = None, bands: Optional[Dict[str, tuple]] = None):
+    """Plot one line per series, optionally with ± `errors` or (low, high) `bands` (e.g. `seed_bands`) shaded
+    around it; say in the labels what they are. A series named after a method takes the method's colour;
+    `colours` sets others (e.g. DRIFT_COLOURS' readings)."""
     ax = _ax(ax)
     for name, ys in series.items():
         ys = np.asarray(ys, dtype=float)
@@ -137,6 +171,9 @@ def lines(xs: Sequence, series: Dict[str, Sequence[float]], ax=None, xlabel: str
         if errors and name in errors:
             e = np.asarray(errors[name], dtype=float)
             ax.fill_between(xs, ys - e, ys + e, alpha=0.2, color=line.get_color())
+        if bands and name in bands:
+            lo, hi = (np.asarray(b, dtype=float) for b in bands[name])
+            ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
     if logx:
         ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)

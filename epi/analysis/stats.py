@@ -109,6 +109,23 @@ def reaches_level(n_seeds: int, level: float = BOOTSTRAP_LEVEL) -> bool:
     return n_seeds > 1 and n_seeds * float(n_seeds) ** -n_seeds < (1 - level) / 2
 
 
+def arm_interval(values_by_seed, *, level: float = BOOTSTRAP_LEVEL, resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = 0) -> tuple[float, float]:
+    """Return the interval the one rule draws around one arm's mean over seeds (a figure's error bar): the
+    hierarchical bootstrap's percentile interval of `values_by_seed` (numbers, or per-prompt scores per seed);
+    with too few seeds given as numbers to reach `level` (`reaches_level`: ≤ 3 at 95 %) the range of the seeds,
+    as the verdicts show it; (nan, nan) for one number."""
+    arrays = _effects(values_by_seed)
+    if not arrays:
+        raise ValueError("arm_interval needs at least one seed")
+    numbers = isinstance(arrays[0], float)
+    if numbers and len(arrays) < 2:
+        return (math.nan, math.nan)
+    if numbers and not reaches_level(len(arrays), level):
+        return (float(min(arrays)), float(max(arrays)))
+    return hierarchical_bootstrap(arrays, resamples=resamples, level=level, seed=seed)
+
+
 # ------------------------------------------------------------------------------------------------ noise levels
 
 def score_se(score: float, n: int) -> float:
