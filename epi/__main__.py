@@ -17,10 +17,16 @@ def _data(args) -> int:
 def _bench(args) -> int:
     import torch
     from . import bench
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"# engine benchmark · device={args.device} · torch {torch.__version__} · threads {torch.get_num_threads()}")
-    print(bench.run(args.shapes.split(","), reps=args.reps, device=args.device, batch=args.batch, seq=args.seq))
+    try:
+        threads = [int(t) for t in str(args.threads).split(",") if t.strip()] or [0]
+    except ValueError:
+        raise SystemExit(f"--threads takes thread counts separated by commas (e.g. 1,2), got {args.threads!r}")
+    if any(t < 0 for t in threads):
+        raise SystemExit(f"--threads must be >= 0 (0 = torch's default), got {args.threads!r}")
+    print(f"# engine benchmark · device={args.device} · torch {torch.__version__} · threads "
+          + ",".join(str(t or torch.get_num_threads()) for t in threads))
+    print(bench.run(args.shapes.split(","), reps=args.reps, device=args.device, batch=args.batch, seq=args.seq,
+                    threads=threads))
     return 0
 
 
@@ -180,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--batch", type=int, default=4)
     b.add_argument("--seq", type=int, default=128)
-    b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--threads", default="0", help="torch threads, one measurement per count: e.g. 1,2 (0 = default)")
     b.set_defaults(func=_bench)
 
     run = sub.add_parser("run", help="run one experiment (resumes from its checkpoint when restarted)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -196,13 +196,13 @@ def measure(shape: str, *, reps: int = 5, device: str = "cpu", batch: int = 4, s
 def table(results: List[dict]) -> str:
     """Return the markdown table of `measure` results (a peak-memory column when measured on CUDA)."""
     peak = any("epi_peak_gib" in r["step"] for r in results)
-    rows = ["| shape | params | plain step (s) | EPI step (s) | step ratio | lean step ratio | refresh radix (s) "
+    rows = ["| shape | params | threads | plain step (s) | EPI step (s) | step ratio | lean step ratio | refresh radix (s) "
             "| cat+kthvalue (s) | refresh ratio | exact | B/param default (+diag) | B/param lean (+diag) |"
             + (" peak GiB plain / EPI / lean |" if peak else ""),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
     for m in results:
         s, s_lean, r, b, bl = m["step"], m["lean_step"], m["refresh"], m["bytes"], m["lean_bytes"]
-        row = (f"| {m['shape']} | {m['params'] / 1e6:.1f}M | {s['plain_s']:.3f} | {s['epi_s']:.3f} | {s['ratio']:.3f} "
+        row = (f"| {m['shape']} | {m['params'] / 1e6:.1f}M | {m.get('threads', '')} | {s['plain_s']:.3f} | {s['epi_s']:.3f} | {s['ratio']:.3f} "
                f"| {s_lean['ratio']:.3f} | {r['radix_s']:.3f} | {r['kthvalue_s']:.3f} | {r['ratio']:.2f} "
                f"| {r['exact']} | {b['engine']:.2f} (+{b['diagnostics']:.2f}) "
                f"| {bl['engine']:.2f} (+{bl['diagnostics']:.2f}) |")
@@ -213,6 +213,15 @@ def table(results: List[dict]) -> str:
     return "\n".join(rows)
 
 
-def run(shapes: List[str], reps: int = 5, device: str = "cpu", batch: int = 4, seq: int = 128) -> str:
-    """Run every measurement and return a markdown table (also printed by the CLI)."""
-    return table([measure(shape, reps=reps, device=device, batch=batch, seq=seq) for shape in shapes])
+def run(shapes: List[str], reps: int = 5, device: str = "cpu", batch: int = 4, seq: int = 128,
+        threads: Sequence[int] = (0,)) -> str:
+    """Run every measurement, each shape at each torch thread count (0 = leave torch's default), and return a
+    markdown table (also printed by the CLI)."""
+    results = []
+    for shape in shapes:
+        for t in threads:
+            if t:
+                torch.set_num_threads(t)
+            results.append({**measure(shape, reps=reps, device=device, batch=batch, seq=seq),
+                            "threads": torch.get_num_threads()})
+    return table(results)

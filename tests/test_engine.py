@@ -123,16 +123,21 @@ def test_grad_mode_refuses_non_adam_optimizers():
 
 
 def test_weight_decay_round_trips_through_optimizer_state_dict():
+    # AdamW keeps its own (decoupled) decay: the engine writes protected values back after the step
     model = small_llama()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    iso = EvolvingIsolation(model, EPIConfig()).attach(opt)
+    EvolvingIsolation(model, EPIConfig()).attach(opt)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and "epi_weight_decay" not in opt.param_groups[0]
+    # Adam's coupled L2 is taken over (it would enter the moments through the gradient) and given back
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.1)
+    iso = EvolvingIsolation(model, EPIConfig(mode="grad")).attach(opt)
     assert opt.param_groups[0]["weight_decay"] == 0.0
     state = opt.state_dict()
-    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt2 = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.1)
     opt2.load_state_dict(state)
-    EvolvingIsolation(model, EPIConfig()).attach(opt2)
-    assert opt2.param_groups[0]["epi_weight_decay"] == 0.1
     iso.detach()
+    EvolvingIsolation(model, EPIConfig(mode="grad")).attach(opt2)
+    assert opt2.param_groups[0]["epi_weight_decay"] == 0.1
     assert opt.param_groups[0]["weight_decay"] == 0.1
 
 

@@ -12,7 +12,7 @@ from epi.engine.core import ActiveMask
 from epi.integrations import recipe
 
 PART_HEADER = "| part | status | wall (s) | result or reason |"
-BENCH_HEADER = ("| shape | params | plain step (s) | EPI step (s) | step ratio | lean step ratio | refresh radix (s) "
+BENCH_HEADER = ("| shape | params | threads | plain step (s) | EPI step (s) | step ratio | lean step ratio | refresh radix (s) "
                 "| cat+kthvalue (s) | refresh ratio | exact | B/param default (+diag) | B/param lean (+diag) |")
 
 
@@ -135,6 +135,14 @@ def test_bench_table_adds_the_peak_memory_column_only_when_measured_on_cuda():
                  "lean_step": {**cpu["lean_step"], "epi_peak_gib": 1.625}}
     header, _, row = bench.table([cuda_like]).splitlines()
     assert header.endswith(" peak GiB plain / EPI / lean |") and row.endswith(" 1.50 / 1.75 / 1.62 |")
+
+
+def test_bench_measures_each_thread_count_in_one_run():
+    import torch
+    before = torch.get_num_threads()
+    rows = bench.run(["qwen2-tiny"], reps=1, batch=1, seq=8, threads=(1, 2)).splitlines()[2:]
+    assert [r.split(" | ")[2] for r in rows] == ["1", "2"]           # one row per thread count, labelled
+    torch.set_num_threads(before)
 
 
 def test_plan_refuses_an_unknown_device_or_shape_naming_the_choices():

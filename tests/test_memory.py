@@ -19,8 +19,9 @@ def qwen():
 def measured_bytes_per_param(scope, n_tasks, ratio, lean):
     """Run the engine on a small Qwen2 through one refresh of every task; return its bytes per weight."""
     model = random_model("qwen2-tiny")
-    cfg = EPIConfig(scope=scope, ratio=ratio, warmup_steps=0, refresh_every=1, **(LEAN if lean else {}))
-    iso = EvolvingIsolation(model, cfg).attach(torch.optim.AdamW(model.parameters()))
+    cfg = EPIConfig(scope=scope, ratio=ratio, warmup_steps=0, refresh_every=10, **(LEAN if lean else {}))
+    opt = torch.optim.AdamW(model.parameters())
+    iso = EvolvingIsolation(model, cfg).attach(opt)
     g = torch.Generator().manual_seed(0)
     tasks = [f"t{i}" for i in range(n_tasks)]
     for t in tasks:
@@ -30,6 +31,10 @@ def measured_bytes_per_param(scope, n_tasks, ratio, lean):
     iso.refresh()
     for t in tasks:
         iso.active(t)
+    for p in model.parameters():  # one step under the last task's mask: its protected values are held from here
+        p.grad = torch.rand(p.shape, generator=g)
+    iso.observe(tasks[-1])
+    opt.step()
     mem = iso.memory_bytes()
     sample = sum(s.numel() * s.element_size() for s in iso._sample)
     return (mem["importance"] + mem["masks"] + mem["diagnostics"] - sample) / mem["params"]

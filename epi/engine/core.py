@@ -222,14 +222,11 @@ class EvolvingIsolation:
         if active is None:
             return
         grads = [local(p.grad) if p.grad is not None else None for p in self.params]
-        if active.protected is not None:  # masked_fill, not a multiply: NaN * 0 would stay NaN
-            for g, m in zip(grads, active.protected):
-                if g is not None:
-                    g.masked_fill_(m, 0.0)
-        else:
-            for g, idx in zip(grads, active.index):
-                if g is not None and idx.numel():
-                    g.reshape(-1).index_put_((idx,), torch.zeros((), dtype=g.dtype, device=g.device))
+        # written by index, not multiplied (NaN * 0 stays NaN): faster than masked_fill_ at every p measured
+        # on CPU (0.05-0.5; `python -m epi bench`), as the index touches only the protected coordinates
+        for g, idx in zip(grads, active.index):
+            if g is not None and idx.numel():
+                g.reshape(-1).index_put_((idx,), torch.zeros((), dtype=g.dtype, device=g.device))
 
     def active(self, task: Optional[str] = CURRENT_TASK) -> Optional[ActiveMask]:
         """Return the mask in force for a batch of `task` (default: the current task), or None."""
@@ -266,7 +263,6 @@ class EvolvingIsolation:
         return [to_bool(e, local(p)) for e, p in zip(entries, self.params)]
 
     def _make_active(self, key: Optional[str]) -> ActiveMask:
-        restore = self.isolator is None or self.isolator.mode == "restore"
         if self.config.mask_format == "index":
             if key is None or "global" in self.sets:
                 index = self.sets["global"]
@@ -274,8 +270,8 @@ class EvolvingIsolation:
                 index = [to_index(m) for m in self.protected_for(key)]
             return ActiveMask(None, index, sum(int(i.numel()) for i in index))
         protected = self.protected_for(key)  # shares the stored masks in global scope (no copy)
-        index = [to_index(m) for m in protected] if restore else None
-        return ActiveMask(protected, index, sum(int(m.sum()) for m in protected))
+        index = [to_index(m) for m in protected]  # every mode masks gradients and writes values back by index
+        return ActiveMask(protected, index, sum(int(i.numel()) for i in index))
 
     @property
     def masks(self) -> Dict[str, torch.Tensor]:
@@ -355,7 +351,8 @@ class EvolvingIsolation:
             self.tracker.updates[key] = max(1, self.tracker.updates[key])  # holds information: refresh it
 
     def memory_bytes(self) -> Dict[str, int]:
-        """Return the engine's persistent bytes: importance, masks (stored sets + active extras) and
+        """Return the engine's persistent bytes: importance, masks (stored sets, the active mask's index and the
+        protected values held for the write-back) and
         diagnostics (first mask, Spearman sample), counting shared storage once."""
         seen = set()
 
@@ -371,6 +368,8 @@ class EvolvingIsolation:
         masks = size(m for v in self.sets.values() for m in v)
         for a in self._active_cache.values():
             masks += size(a.protected or []) + size(a.index or [])
+        if self.isolator is not None:  # the protected values held for the write-back after each step
+            masks += size(self.isolator.held_tensors())
         diag = size(m for v in self._first.values() for m in v) + size(self._sample)
         return {"importance": imp, "masks": masks, "diagnostics": diag, "params": sum(self.numels)}
 

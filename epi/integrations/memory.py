@@ -13,9 +13,11 @@ per-task scope), what `EvolvingIsolation.memory_bytes()` counts:
 | stored top-p set | 1 (bool) | 4·p (int32 indices) |
 | first set (drift diagnostics) | 4·p | 4·p |
 | per task, the mask in force (per-task scope: the union u ≤ (K−1)·p of the other tasks' sets) | 1 + 4·u | 4·u |
+| global scope, the mask in force's int32 index | 4·p | — (the stored set is one) |
+| once, the protected values held for the write-back after each step (w = the weights' bytes: 4, or 2 with `bf16_weights`) | w·u (global: w·p) | w·u (global: w·p) |
 
-Global scope in the default format shares its stored set as the mask in force (grad mode, AdamW). The
-plan uses the upper bound u = min(1, (K−1)·p). Activations are a rough estimate (checkpointed hidden
+Global scope in the default format shares its stored set as the mask in force's bool masks. The plan uses the
+upper bound u = min(1, (K−1)·p). Activations are a rough estimate (checkpointed hidden
 states, one layer's working set and the logits with their fp32 copy and gradient, no s² attention term:
 SDPA/flash attention); the plan keeps a safety margin for them and for the allocator.
 """
@@ -67,16 +69,16 @@ def model_shape(name: str) -> ModelShape:
                       config.intermediate_size, config.vocab_size)
 
 
-def engine_bytes_per_param(scope: str, n_tasks: int, ratio: float, lean: bool) -> float:
+def engine_bytes_per_param(scope: str, n_tasks: int, ratio: float, lean: bool, weight_bytes: int = 4) -> float:
     """Return the engine's persistent bytes per isolatable weight (see the module's table)."""
     p = ratio
     imp = 2 if lean else 4
     stored = 4 * p if lean else 1
-    if scope == "global":
-        return imp + stored + 4 * p  # the stored set is the mask in force (shared, or the same indices)
+    if scope == "global":  # the stored set is the mask in force (shared bools + their index, or the same indices)
+        return imp + stored + 4 * p + (0 if lean else 4 * p) + weight_bytes * p
     union = min(1.0, (n_tasks - 1) * p)
     active = 4 * union if lean else 1 + 4 * union
-    return n_tasks * (imp + stored + 4 * p + active)
+    return n_tasks * (imp + stored + 4 * p + active) + weight_bytes * union
 
 
 def model_bytes(shape: ModelShape, precision: str) -> int:
@@ -102,8 +104,9 @@ def estimate(shape: ModelShape, scope: Optional[str], *, n_tasks: int, ratio: fl
              precision: str, micro_batch: int, seq_len: int, checkpointing: bool) -> Dict[str, float]:
     """Return {"model", "engine", "activations", "total"} in GiB for a run with an engine of `scope`
     (None: no engine, plain fine-tuning)."""
-    engine = 0.0 if scope is None else (shape.isolatable * engine_bytes_per_param(scope, n_tasks, ratio, lean)
-                                        + SAMPLE_BYTES)
+    weight_bytes = 2 if precision == "bf16_weights" else 4
+    engine = 0.0 if scope is None else (shape.isolatable * engine_bytes_per_param(scope, n_tasks, ratio, lean,
+                                                                                  weight_bytes) + SAMPLE_BYTES)
     parts = {"model": model_bytes(shape, precision) / GIB, "engine": engine / GIB,
              "activations": activation_bytes(shape, micro_batch, seq_len, precision, checkpointing) / GIB}
     parts["total"] = sum(parts.values())

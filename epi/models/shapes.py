@@ -16,6 +16,10 @@ SHAPES: Dict[str, dict] = {
     "smollm2-135m": dict(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          tie_word_embeddings=True, max_position_embeddings=2048, rope_theta=100000.0),
+    # SmolLM2-360M's architecture (its config.json values): the benchmark's third size, to see how the cost grows
+    "smollm2-360m": dict(architecture="llama", vocab_size=49152, hidden_size=960, intermediate_size=2560,
+                         num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                         tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0),
     "tiny": dict(architecture="llama", vocab_size=98, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
                  max_position_embeddings=256),
