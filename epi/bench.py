@@ -150,7 +150,7 @@ def refresh_ratio(shape: str, *, device: str, ratio: float = 0.05, reps: int = 3
 
 
 def bytes_per_param(shape: str, config: EPIConfig, device: str = "cpu") -> dict:
-    """Return the engine's persistent bytes per isolatable parameter after one refresh (fp32 weights;
+    """Return the engine's persistent bytes per isolatable parameter after one refresh and one step (fp32 weights;
     the same numbers on every device, `device` only sets where the work runs)."""
     model = _model(shape, device, torch.float32)
     iso = EvolvingIsolation(model, config)
@@ -161,6 +161,8 @@ def bytes_per_param(shape: str, config: EPIConfig, device: str = "cpu") -> dict:
     iso.observe("bench")
     iso.refresh()
     iso.active()
+    opt.step()  # one step under the mask: the protected values held for the write-back count too
+    iso.active()  # the mask in force after that step (it may have refreshed): steady state holds both
     mem = iso.memory_bytes()
     n = mem["params"]
     out = {"importance": mem["importance"] / n, "masks": mem["masks"] / n, "diagnostics": mem["diagnostics"] / n}

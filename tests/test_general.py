@@ -1,6 +1,7 @@
 """GeneralProbe: general-ability loss and KL to the start model (epi.experiments.general), on the tiny model."""
 import math
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,6 +165,18 @@ def test_real_cpu_summary_has_one_row_per_run_and_the_table2_columns(tmp_path):
     (verdict,) = claims(back)  # the one rule: 2 seeds (directions averaged within each) cannot reach 95 %
     assert verdict["verdict"] == "mixed" and "epi forgets less of the first task than full_sft" in verdict["claim"]
     assert "range of 2 seed(s)" in verdict["measured"] and "orders code->math, math->code averaged" in verdict["measured"]
+    # with the runs, the claims are also written as plain CSV and read back as the same decided claims
+    from epi.experiments.real_cpu import load_claims
+    assert load_claims(tmp_path) == []                                    # none without records
+    write_results(df, None, tmp_path / "with_runs", "test", records=records)
+    frame = pd.read_csv(tmp_path / "with_runs" / "claims.csv")
+    assert list(frame.columns)[:4] == ["claim", "measured", "evidence", "verdict"] and len(frame) == 1
+    (back_claim,) = load_claims(tmp_path / "with_runs")
+    (decided,) = claims(records)
+    assert {k: back_claim[k] for k in ("claim", "verdict", "measured")} == \
+        {k: decided[k] for k in ("claim", "verdict", "measured")}
+    assert back_claim["decision"]["n_seeds"] == 2 and back_claim["decision"]["rule"] == "bootstrap"
+    assert back_claim["decision"]["effect"] == pytest.approx(decided["decision"]["effect"], abs=1e-4)
 
 
 @pytest.mark.slow

@@ -13,6 +13,8 @@ Writes, under --results:
   summary.csv  -- one row per method × seed × direction (forgetting_A, learning_B, general_loss_increase,
                   kl, ... ; A and B are the run's first and second task);
   summary.md   -- the base scores, the CPI-FT Table 2 shape (mean ± sd over seeds) and the general columns;
+  claims.csv   -- each claim decided by the one rule on the runs' per-prompt scores (effect, 95 % interval,
+                  seeds, prompts, verdict), for readers without the runs (`load_claims`; notebook 05);
   summary.provenance.json -- the command that wrote them (summary.csv stays plain CSV).
 
 Notebook 05 reads the results with `load_summary()` and shows them with `table2_frame()`.
@@ -233,11 +235,53 @@ def claims(runs, baseline: str = "full_sft", margin: float = 0.03) -> List[dict]
     return out
 
 
+CLAIM_COLUMNS = ("claim", "measured", "evidence", "verdict", "effect", "low", "high", "seeds", "prompts_per_task",
+                 "minimum", "rule")
+
+
+def claims_frame(decided: Sequence[dict]) -> pd.DataFrame:
+    """Return one plain row per decided claim (`claims`): its text, measured line, evidence, verdict and the rule's
+    effect, 95 % interval, seeds, prompts per task, minimum and rule name (empty where a claim has no decision)."""
+    rows = []
+    for c in decided:
+        d = c.get("decision") or {}
+        lo, hi = d.get("interval") or (None, None)
+        rows.append({"claim": c["claim"], "measured": c["measured"], "evidence": c.get("evidence", ""),
+                     "verdict": c["verdict"], "effect": d.get("effect"), "low": lo, "high": hi,
+                     "seeds": d.get("n_seeds"), "prompts_per_task": d.get("n_prompts"), "minimum": d.get("minimum"),
+                     "rule": d.get("rule")})
+    frame = pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
+    for col in ("seeds", "prompts_per_task"):
+        frame[col] = frame[col].astype("Int64")
+    return frame
+
+
+def load_claims(results: str | Path = RESULTS) -> List[dict]:
+    """Return the claims `python -m epi.real_cpu` decided on its runs' per-prompt scores (claims.csv), as claim
+    rows with their decision (so a report counts them); [] when the file is absent."""
+    from ..analysis import evidence
+    path = Path(results) / "claims.csv"
+    if not path.is_file():
+        return []
+    out = []
+    for row in pd.read_csv(path, keep_default_na=False, na_values=[""]).to_dict(orient="records"):
+        decision = None
+        if isinstance(row.get("rule"), str) and row["rule"]:
+            num = lambda v: None if v is None or v != v else float(v)  # noqa: E731 (nan → None)
+            decision = {"effect": num(row["effect"]), "interval": [num(row["low"]), num(row["high"])],
+                        "n_seeds": int(row["seeds"]), "n_prompts": None if row["prompts_per_task"] != row["prompts_per_task"]
+                        else int(row["prompts_per_task"]), "rule": row["rule"], "verdict": row["verdict"],
+                        "minimum": num(row["minimum"]) or 0.0, "tolerance": 0.0}
+        out.append(evidence.claim(row["claim"], row["measured"], row["verdict"], row["evidence"] or "", decision))
+    return out
+
+
 def write_results(df: pd.DataFrame, base: Optional[dict], results: str | Path, command: str,
                   wall_s: Optional[float] = None, settings: Optional[dict] = None,
                   records: Optional[Sequence[dict]] = None) -> None:
     """Write summary.csv (plain CSV), summary.md, summary.provenance.json (the command) and, when `base` is
-    given, base.json under `results`; `records` (the runs) let the claims read per-prompt scores."""
+    given, base.json under `results`; `records` (the runs) let the claims read per-prompt scores and are decided
+    into claims.csv."""
     from ..analysis.compare import write_provenance
     from ..jsonio import write_json
     results = Path(results)
@@ -246,7 +290,11 @@ def write_results(df: pd.DataFrame, base: Optional[dict], results: str | Path, c
         write_json(results / "base.json", base)
     df.to_csv(results / "summary.csv", index=False, float_format="%.4f")
     (results / "summary.md").write_text(markdown(df, base, command, wall_s, settings, records))
-    write_provenance(results, command, ["summary.csv", "summary.md"] + (["base.json"] if base is not None else []))
+    written = ["summary.csv", "summary.md"] + (["base.json"] if base is not None else [])
+    if records:  # the claims on per-prompt scores: what a reader without the runs (notebook 05) can still show
+        claims_frame(claims(list(records))).to_csv(results / "claims.csv", index=False, float_format="%.4f")
+        written.append("claims.csv")
+    write_provenance(results, command, written)
 
 
 def build_parser() -> argparse.ArgumentParser:
