@@ -59,3 +59,29 @@ def test_seeds_on_one_base_seed_share_the_start_model_but_not_the_data_order(tmp
     assert len(list((tmp_path / "cache" / "base").iterdir())) == 2
     assert [own["base_scores"][t]["loss"] for t in SMALL["tasks"]] != \
         [on_0["base_scores"][t]["loss"] for t in SMALL["tasks"]]
+
+
+def test_runs_that_differ_only_in_beta_share_one_base_with_the_importance_of_their_beta(tmp_path, monkeypatch):
+    import torch
+
+    from epi.experiments.base_build import ensure_base
+    from epi.models.base_cache import BASE_BETAS, load_base_importance
+    from epi.tasks import ABILITIES
+    monkeypatch.setenv("EPI_CACHE", str(tmp_path / "cache"))
+    cfgs = {b: resolve("smoke", seed=0, beta=b, **SMALL) for b in BASE_BETAS}
+    folders = {ensure_base(c) for c in cfgs.values()}
+    assert len(folders) == 1 and len(list((tmp_path / "cache" / "base").iterdir())) == 1   # built once
+    (folder,) = folders
+    imp = {b: load_base_importance(folder, b) for b in BASE_BETAS}
+    name = next(iter(imp[0.9]["global"]))
+    assert "global" in imp[0.9] and set(imp[0.9]) <= {"global", *ABILITIES}   # per task: those its 6 steps saw
+    # each β is its own EMA of the same gradients: a faster decay keeps more of the last steps
+    assert not torch.equal(imp[0.9]["global"][name], imp[0.999]["global"][name])
+    # a run at β = 0.99 reads that β's importance (the engine is seeded from it)
+    run = run_experiment(resolve("smoke", seed=0, method="epi", beta=0.99, **SMALL), tmp_path / "runs")
+    assert run["config"]["beta"] == 0.99
+    # another β gets a base of its own that records it; asking a base for a β it lacks names the choices
+    other = ensure_base(resolve("smoke", seed=0, beta=0.95, **SMALL))
+    assert other != folder and set(torch.load(other / "importance.pt", weights_only=True)) == {"0.9", "0.95", "0.99", "0.999"}
+    with pytest.raises(KeyError, match="not 0.95"):
+        load_base_importance(folder, 0.95)

@@ -10,7 +10,8 @@ The cache itself (where a base lives, reading its importance) is epi.models.base
 factory only loads a base, this module builds one.
 
 While pre-training, the base phase tracks the importance (EMA of g²) globally and per task without
-isolating anything, so SFT runs can start EPI and EWC from what the base model found important.
+isolating anything, so SFT runs can start EPI and EWC from what the base model found important. It does so at
+every decay of `base_betas` (0.9, 0.99, 0.999 and the config's own), so runs that differ only in β share a base.
 
 The build runs on the config's device in fp32 whatever the run's precision (the cache key holds neither:
 a base is the start model, shared by every run of a base seed, and fp32 on a GPU is quick at this size).
@@ -30,7 +31,7 @@ from ..engine.config import EPIConfig
 from ..engine.core import isolatable
 from ..engine.importance import ImportanceTracker
 from ..jsonio import atomic_write
-from ..models.base_cache import base_dir
+from ..models.base_cache import base_betas, base_dir, beta_key
 from ..models.factory import load_model, save_model
 from ..tasks import ABILITIES, evaluate
 from ..training.data import StepData, balanced_schedule, eval_records, make_batchers
@@ -71,20 +72,24 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
     opt = make_optimizer(model, TrainConfig(lr=cfg.base_lr, weight_decay=cfg.weight_decay))
     params = [p for _, p in isolatable(model, EPIConfig())]
     names = [n for n, _ in isolatable(model, EPIConfig())]
-    glob = ImportanceTracker(params, EPIConfig(score="fisher", beta=cfg.beta, scope="global"))
-    per = ImportanceTracker(params, EPIConfig(score="fisher", beta=cfg.beta, scope="per_task"))
+    # one global and one per-task tracker per EMA decay: runs at any of base_betas(cfg) share this base
+    trackers = {beta_key(b): (ImportanceTracker(params, EPIConfig(score="fisher", beta=b, scope="global")),
+                              ImportanceTracker(params, EPIConfig(score="fisher", beta=b, scope="per_task")))
+                for b in base_betas(cfg)}
 
-    state = train_steps(model, opt, data, steps=len(data), plugins=[TrackImportance(glob, per)], clip=cfg.clip,
-                        desc="tiny-base" if progress else None)
+    state = train_steps(model, opt, data, steps=len(data), plugins=[TrackImportance(g, p) for g, p in trackers.values()],
+                        clip=cfg.clip, desc="tiny-base" if progress else None)
     scores = evaluate(model, tok, {t: eval_records(t, cfg.eval_records, cfg.difficulty) for t in tasks})
-    importance = {"global": {n: b.cpu() for n, b in zip(names, glob.buffers["global"])},
-                  **{t: {n: b.cpu() for n, b in zip(names, bufs)} for t, bufs in per.buffers.items()}}
+    importance = {key: {"global": {n: b.cpu() for n, b in zip(names, glob.buffers["global"])},
+                        **{t: {n: b.cpu() for n, b in zip(names, bufs)} for t, bufs in per.buffers.items()}}
+                  for key, (glob, per) in trackers.items()}
     meta: dict = {}
 
     def write(folder: Path) -> None:
         save_model(model, tok, folder)
         torch.save(importance, folder / "importance.pt")
         meta.update({"command": f"python -m epi base --profile {cfg.profile} --seed {cfg.seed}", "seed": cfg.seed,
+                     "importance_betas": list(trackers),
                      "steps": cfg.base_steps, "lr": cfg.base_lr, "tasks": tasks, "scores": scores,
                      "final_loss": sum(state.losses[-50:]) / len(state.losses[-50:]),
                      "wall_s": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(),

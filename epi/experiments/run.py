@@ -131,7 +131,7 @@ class Run:
         if self._base_folder is None:
             return {}
         from ..models.base_cache import load_base_importance
-        imp = load_base_importance(self._base_folder)
+        imp = load_base_importance(self._base_folder, self.config.beta)
         if scope == "global":
             return {"global": imp["global"]}
         return {k: v for k, v in imp.items() if k != "global" and k in self.config.tasks}
