@@ -177,11 +177,20 @@ def figure(claims: Sequence[dict], out: Path, title: str) -> Path:
                              gridspec_kw={"height_ratios": sizes}, squeeze=False)
     for ax, m in zip(axes[:, 0], measures):
         mine = [c for c in claims if c["measure"] == m]
-        plots.effect_intervals(mine, ax=ax, minimum=mine[0]["minimum"], title=title if m == measures[0] else "",
+        plots.effect_intervals(mine, ax=ax, minimum=mine[0]["minimum"], title="",
                                xlabel=f"{m}: method − baseline (positive = the claim's way)")
         if mine[0]["tolerance"]:
             ax.axvline(-mine[0]["tolerance"], color="black", lw=0.8, ls=":")
-    fig.tight_layout()
+    # one legend for every panel, above them: a legend inside a one-row panel would cover its interval
+    handles = {h.get_label(): h for ax in axes[:, 0] if ax.get_legend() for h in ax.get_legend().legend_handles}
+    for ax in axes[:, 0]:
+        if ax.get_legend():
+            ax.get_legend().remove()
+    fig.suptitle(title, fontsize=11, y=0.995)
+    fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.975),
+               ncol=len(handles), fontsize=8, title="verdict · dot: effect · line: 95% interval of the one rule",
+               title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     path = plots.savefig(fig, "x2_effects", out)
     plt.close(fig)
     return path
@@ -241,6 +250,20 @@ def analyse(runs: str | Path = RUNS, out: str | Path = "results/x2") -> List[dic
     return claims
 
 
+def _arm_settings(records: Sequence[dict]) -> Dict[str, dict]:
+    """Return {arm: the SETTINGS in which the runs differ, as that arm's runs have them}."""
+    varying = [k for k in SETTINGS if len({json.dumps(r["config"].get(k)) for r in records}) > 1]
+    return {evidence.label(r): {k: r["config"].get(k) for k in varying} for r in records}
+
+
+def _shares(records: Sequence[dict]) -> Dict[str, float]:
+    """Return {arm: mean protected share at the last step} (0 for full SFT)."""
+    out: Dict[str, List[float]] = {}
+    for r in records:
+        out.setdefault(evidence.label(r), []).append((r.get("protected_fraction") or [0.0])[-1])
+    return {a: sum(v) / len(v) for a, v in out.items()}
+
+
 def readme(records: Sequence[dict], runs: str | Path, command: str) -> str:
     """Return the results folder's README: the commands, the settings the runs share and the time they took."""
     cfg = records[0]["config"]
@@ -249,8 +272,14 @@ def readme(records: Sequence[dict], runs: str | Path, command: str) -> str:
     total = sum(r.get("wall_s") or 0.0 for r in records)
     lines = ["# X2 — evolving vs static where forgetting exists", "",
              "Made by:", "", "```", f"python -m epi.experiments.x2 run --runs {runs}", command, "```", "",
-             "Settings shared by every run: " + ", ".join(f"{k} {cfg.get(k)!r}" for k in SETTINGS) + ".", "",
-             f"Arms: {', '.join(labels().values())}.", "",
+             "Settings shared by every run: " + ", ".join(f"{k} {cfg.get(k)!r}" for k in SETTINGS
+                                                         if all(r["config"].get(k) == cfg.get(k) for r in records))
+             + "; per arm: " + "; ".join(f"{a}: " + ", ".join(f"{k} {v!r}" for k, v in d.items())
+                                        for a, d in _arm_settings(records).items()) + ".", "",
+             f"Arms: {', '.join(labels().values())}. Protected share while B trains (last step, mean over runs): "
+             + ", ".join(f"{a} {v:.2f}" for a, v in _shares(records).items())
+             + ": HFT freezes half of the block weights, about five times what EPI and the random mask protect, so "
+             "EPI vs HFT compares two amounts of freezing as well as two ways of choosing.", "",
              f"Time: {len(records)} runs, {total / 60:.1f} min of run time in all (mean {total / len(records):.0f} s "
              "per run, 1 thread each)"
              + (f"; trained in {len(parts)} invocation(s) of `run` taking {sum(p['wall_s'] for p in parts) / 60:.1f} "
