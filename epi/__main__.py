@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="engine benchmark: step, refresh and memory ratios from one run")
     b.add_argument("--shapes", default="tiny,smollm2-135m")
-    b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--reps", type=int, default=7)
     b.add_argument("--device", default="cpu")
     b.add_argument("--batch", type=int, default=4)
     b.add_argument("--seq", type=int, default=128)

@@ -58,7 +58,12 @@ def _step(model, opt, batch, iso=None) -> float:
 
 def step_ratio(shape: str, *, batch: int, seq: int, reps: int, device: str, dtype: torch.dtype,
                config: EPIConfig) -> dict:
-    """Return median plain and EPI step times (s) measured interleaved, and their ratio.
+    """Return median plain and EPI step times (s) measured interleaved, and the step ratio.
+
+    The steps alternate plain, EPI, plain, …, plain; each EPI step is divided by the mean of the plain steps
+    either side of it, and the ratio is the median of those `reps` ratios: a slow spell of the machine then
+    slows both sides of a ratio, where a ratio of two medians can pair a quiet plain step with a busy EPI one
+    (on the shared 2-core machine single steps vary by ±5 %, the engine's own work is ≈ 3 % of a step).
 
     On CUDA also the peak GPU memory (GiB) of each setup on its own during its warm-up steps (weights,
     AdamW state, gradients, activations; EPI: + engine and its first refresh): `plain_peak_gib`, `epi_peak_gib`.
@@ -84,12 +89,13 @@ def step_ratio(shape: str, *, batch: int, seq: int, reps: int, device: str, dtyp
     for _ in range(warmup):
         _step(epi, opt_e, data, iso)
     epi_peak = _peak_since(device, baseline)
-    tp, te = [], []
+    tp, te = [_step(plain, opt_p, data)], []
     for _ in range(reps):  # interleaved: both see the same machine state
-        tp.append(_step(plain, opt_p, data))
         te.append(_step(epi, opt_e, data, iso))
+        tp.append(_step(plain, opt_p, data))
     mp, me = statistics.median(tp), statistics.median(te)
-    out = {"plain_s": mp, "epi_s": me, "ratio": me / mp, "protected": iso.protected_fraction(),
+    ratios = [e / ((a + b) / 2) for e, a, b in zip(te, tp, tp[1:])]
+    out = {"plain_s": mp, "epi_s": me, "ratio": statistics.median(ratios), "protected": iso.protected_fraction(),
            "mode": iso.isolator.mode}
     if device.startswith("cuda"):
         out.update(plain_peak_gib=plain_peak / 2**30, epi_peak_gib=epi_peak / 2**30)
@@ -180,7 +186,7 @@ def configs() -> Dict[str, EPIConfig]:
                               mask_format="index")}
 
 
-def measure(shape: str, *, reps: int = 5, device: str = "cpu", batch: int = 4, seq: int = 128) -> dict:
+def measure(shape: str, *, reps: int = 7, device: str = "cpu", batch: int = 4, seq: int = 128) -> dict:
     """Return every measurement of one shape: params, step / lean_step (`step_ratio`), refresh
     (`refresh_ratio`), bytes / lean_bytes (`bytes_per_param`); bf16 weights on CUDA, fp32 elsewhere."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -215,7 +221,7 @@ def table(results: List[dict]) -> str:
     return "\n".join(rows)
 
 
-def run(shapes: List[str], reps: int = 5, device: str = "cpu", batch: int = 4, seq: int = 128,
+def run(shapes: List[str], reps: int = 7, device: str = "cpu", batch: int = 4, seq: int = 128,
         threads: Sequence[int] = (0,)) -> str:
     """Run every measurement, each shape at each torch thread count (0 = leave torch's default), and return a
     markdown table (also printed by the CLI)."""

@@ -112,3 +112,44 @@ def test_zeroing_gradients_by_index_equals_masked_fill():
     for n, m in iso.masks.items():
         assert torch.equal(dict(model.named_parameters())[n].grad, grads[n].masked_fill(m, 0.0)), n
     assert not dict(model.named_parameters())[name].grad.isnan().any()
+
+
+def test_without_weight_decay_grad_mode_holds_nothing_and_protected_coordinates_still_move_zero():
+    model = small_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)   # HF Trainer's default decay
+    iso = EvolvingIsolation(model, EPIConfig(ratio=0.1, refresh_every=2, warmup_steps=1)).attach(opt)
+    for seed in range(8):
+        masks = {n: m.clone() for n, m in iso.masks.items()}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        _step(model, iso, opt, seed)
+        for n, m in masks.items():
+            assert torch.equal(dict(model.named_parameters())[n][m], before[n][m]), (seed, n)
+    assert iso.isolator.mode == "grad" and len(iso.history) >= 3
+    assert iso.isolator.held_tensors() == []       # m = 0 and g = 0: Adam's update is exactly 0, nothing to write
+    opt.param_groups[0]["weight_decay"] = 0.1      # decay switched on mid-run: held and written back from then on
+    masks = {n: m.clone() for n, m in iso.masks.items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _step(model, iso, opt, 9)
+    assert iso.isolator.held_tensors()
+    for n, m in masks.items():
+        assert torch.equal(dict(model.named_parameters())[n][m], before[n][m]), n
+
+
+def test_the_cpu_fold_equals_the_foreach_update_bit_for_bit_and_zeroes_the_protected_gradients(monkeypatch):
+    import epi.engine.importance as importance
+    monkeypatch.setattr(importance, "_FOLD", 64)    # small tensors take the chunked walk too
+    model = small_llama()
+    iso, opt = _engine(model, beta=0.9)
+    _step(model, iso, opt, 0)
+    x = _batch(7)
+    model(input_ids=x, labels=x).loss.backward()
+    grads = [p.grad.clone() for p in iso.params]
+    ema = [b.clone() for b in iso.tracker.buffers["global"]]
+    masks = [m.clone() for m in iso.masks.values()]
+    torch._foreach_mul_(ema, 0.9)
+    torch._foreach_addcmul_(ema, grads, grads, value=1 - 0.9)      # the reference: one foreach pass per operation
+    iso.observe("a")
+    assert any(p.numel() > 64 for p in iso.params) and sum(int(m.sum()) for m in masks) > 0
+    for b, ref, p, g, m in zip(iso.tracker.buffers["global"], ema, iso.params, grads, masks):
+        assert torch.equal(b, ref)                                   # importance from the true gradient
+        assert torch.equal(p.grad, g.masked_fill(m, 0.0))            # then the protected gradients zeroed

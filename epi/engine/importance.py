@@ -24,6 +24,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _CHUNK = 1 << 22  # elements per float32 scratch chunk of the bfloat16 update (16 MiB)
 _OFFSETS = 1 << 16  # dither windows start at one of this many table positions
 _MASK64 = (1 << 64) - 1
+_FOLD = 1 << 20  # elements per chunk of the CPU fold: 4 MiB of importance + 4 MiB of gradient stay in L3
 
 
 def _mix(x: int) -> int:
@@ -37,6 +38,22 @@ def _mix(x: int) -> int:
 def local(t: torch.Tensor) -> torch.Tensor:
     """Return the local shard of a DTensor (FSDP2), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def zero_coordinates(tensors: Sequence[Optional[torch.Tensor]], index: Sequence[torch.Tensor]) -> None:
+    """Set the coordinates at int32 flat `index` of each tensor to 0.0 (None tensors are skipped).
+
+    Written by index, not multiplied (NaN * 0 stays NaN): faster than masked_fill_ at every protected share
+    measured on CPU (0.05-0.5; `python -m epi bench`), as the index touches only those coordinates.
+    """
+    zeros: Dict[tuple, torch.Tensor] = {}
+    for t, idx in zip(tensors, index):
+        if t is not None and idx.numel():
+            key = (t.dtype, t.device)
+            if key not in zeros:
+                zeros[key] = torch.zeros((), dtype=t.dtype, device=t.device)
+            t.reshape(-1).index_put_((idx,), zeros[key])
 
 
 @torch.no_grad()
@@ -96,11 +113,15 @@ class ImportanceTracker:
         return all_finite(grads)
 
     @torch.no_grad()
-    def update(self, task: Optional[str], finite: Optional[bool] = None) -> bool:
+    def update(self, task: Optional[str], finite: Optional[bool] = None,
+               zero: Optional[Sequence[torch.Tensor]] = None) -> bool:
         """Fold the current gradients into the EMA of `task`; return False if the step was skipped.
 
         finite: the caller's verdict on this step's gradients (the engine checks every gradient once per
         step); None = check the tracked gradients here when config.check_finite.
+        zero: int32 flat indices per tracked tensor whose gradient coordinates are set to 0.0 once folded
+        (the engine's protected coordinates); on CPU each tensor is zeroed right after its fold, while its
+        gradient is still in cache. Left untouched when the step is skipped (returns False).
         """
         grads = self.grads()
         if finite is None:
@@ -121,6 +142,9 @@ class ImportanceTracker:
         if self.dtype == torch.bfloat16:
             for i, b, x in zip(idx, imp, g):
                 self._update_rounded(i, b, x)
+        elif score == "fisher" and g[0].device.type == "cpu" and all(x.dtype == t.dtype for x, t in zip(g, imp)):
+            self._fold_fisher_cpu(imp, g, None if zero is None else [zero[i] for i in idx])
+            zero = None  # done tensor by tensor
         elif score == "fisher" and all(x.dtype == t.dtype for x, t in zip(g, imp)):
             torch._foreach_mul_(imp, self.config.beta)
             torch._foreach_addcmul_(imp, g, g, value=w)  # no temporary list
@@ -139,8 +163,29 @@ class ImportanceTracker:
             if s[0].dtype != self.dtype:
                 s = [x.to(self.dtype) for x in s]
             torch._foreach_lerp_(imp, s, w)
+        if zero is not None:
+            zero_coordinates(grads, zero)
         self.updates[self.key(task)] += 1
         return True
+
+    def _fold_fisher_cpu(self, imp: List[torch.Tensor], grads: List[torch.Tensor],
+                         zero: Optional[List[torch.Tensor]]) -> None:
+        """I ← β·I + (1−β)·g² one tensor (or _FOLD-element chunk) at a time, then zero that tensor's `zero`
+        coordinates: the second pass and the zeroing find the chunk in cache, where the foreach kernels walk
+        every tensor once per operation (≈ 25 ms less per step on the 135M shape, 2 CPU threads; the same
+        kernels elementwise, so the same bits)."""
+        beta, w = self.config.beta, 1.0 - self.config.beta
+        zero_value = torch.zeros((), dtype=imp[0].dtype)  # the gradients' dtype (checked by the caller)
+        for n, (b, x) in enumerate(zip(imp, grads)):
+            if b.numel() > _FOLD and b.is_contiguous() and x.is_contiguous():
+                bf, xf = b.view(-1), x.view(-1)
+                for lo in range(0, bf.numel(), _FOLD):
+                    bc, xc = bf[lo:lo + _FOLD], xf[lo:lo + _FOLD]
+                    bc.mul_(beta).addcmul_(xc, xc, value=w)
+            else:
+                b.mul_(beta).addcmul_(x, x, value=w)
+            if zero is not None and zero[n].numel():
+                x.reshape(-1).index_put_((zero[n],), zero_value)
 
     @torch.no_grad()
     def _update_rounded(self, i: int, buf: torch.Tensor, grad: torch.Tensor) -> None:

@@ -17,7 +17,8 @@ still move it. Two exact recipes (docs/EXACTNESS.md):
   update, weight decay included, is masked — the literal reading of the paper's write-up. The isolator runs
   it as "restore" (its `mode`); the config keeps the name.
 
-Writing back is cheap because protected values do not change while the mask holds: they are gathered once
+Grad mode with AdamW and no weight decay on the isolated tensors writes nothing back: m = 0 and a zero
+gradient make Adam's update exactly 0 there. Writing back is cheap because protected values do not change while the mask holds: they are gathered once
 when the mask in force changes (or when something outside the optimizer wrote the tensor, seen by its version
 counter) and scattered by index after every step — about 4 ns per protected coordinate on this CPU, where a
 masked pass over every coordinate costs more below p ≈ 0.5 (`python -m epi bench`). The held values cost
@@ -130,7 +131,7 @@ class Isolator:
                 self._applied_version = eng._active_version
             if self.coupled_decay:
                 self._weight_decay(active)
-        if active is not None and (self.mode == "restore" or not self.coupled_decay):
+        if active is not None and self._moves_protected():
             self._hold(active)
         if eng.config.release_moments != "keep":  # after grad mode's decay: Adam's L2 term is in the gradient
             self._on_release(active)
@@ -160,6 +161,22 @@ class Isolator:
         eng._after_step()
 
     # ---- held values ----------------------------------------------------------------------------------
+    def _moves_protected(self) -> bool:
+        """Return True when step() would move protected coordinates, so their values are written back.
+
+        Restore mode: always. Grad mode with AdamW: a protected coordinate has m = 0 and gradient 0, so Adam's
+        update there is exactly 0 (0 / (√v̂ + ε) with ε > 0); only the decoupled weight decay moves it. Without
+        decay on the isolated tensors (HF Trainer's default) there is nothing to write back. Coupled Adam: the
+        isolator applies the decay itself, to free coordinates only.
+        """
+        if self.mode == "restore":
+            return True
+        if self.coupled_decay:
+            return False
+        return any(group.get("weight_decay", 0.0) != 0.0 or not group.get("eps", 1e-8) > 0
+                   for group in self.optimizer.param_groups
+                   if any(id(p) in self._slot for p in group["params"]))
+
     def _hold(self, active) -> None:
         """Gather the protected values to write back after this step: all of them when the mask in force is
         another one than last step's, else only those of tensors written since the last write-back."""
