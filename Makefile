@@ -1,12 +1,14 @@
 # Two commands do all the set-up on a fresh machine (Python >= 3.10 is all they need):
 #   make test       create .venv, install torch==2.13.0 (CPU) first, then epi[test], run every test
-#   make reproduce  the main job on the default CPU profile (PROFILE=smoke for a few minutes)
+#   make reproduce  the main job on the default CPU profile, each grid sized to its lesson (~30 min on 2 cores;
+#                   TIER=full: every notebook's own grid, ~80 min; PROFILE=smoke for a few minutes)
 #   make lab        the same .venv, plus JupyterLab, opened on notebooks/
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= cpu
 SEED ?= 0
+TIER ?=
 PYTEST_ARGS ?=
 LAB_ARGS ?=
 
@@ -32,7 +34,7 @@ test: install
 		--durations=10 tests notebooks $(PYTEST_ARGS)
 
 reproduce: install
-	TQDM_DISABLE=$${TQDM_DISABLE:-0} MPLBACKEND=Agg $(PY) -m epi reproduce --profile $(PROFILE) --seed $(SEED) --out artifacts
+	TQDM_DISABLE=$${TQDM_DISABLE:-0} MPLBACKEND=Agg $(PY) -m epi reproduce --profile $(PROFILE) --seed $(SEED) --out artifacts $(if $(TIER),--tier $(TIER))
 
 # Executed copies of notebooks 01-07 with their figures (what GitHub shows): docs/notebooks/
 RENDER_PROFILE ?= smoke

@@ -143,7 +143,7 @@ def _base(args) -> int:
 
 def _reproduce(args) -> int:
     from .reproduce import main as reproduce_main
-    return reproduce_main(profile=args.profile, seed=args.seed, out=args.out)
+    return reproduce_main(profile=args.profile, seed=args.seed, out=args.out, tier=args.tier)
 
 
 def _render(args) -> int:
@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", default="cpu")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="artifacts")
+    r.add_argument("--tier", choices=["quick", "full"], default=None,
+                   help="quick: each grid sized to its lesson (the cpu default, ~30 min on 2 cores); full: every "
+                        "notebook's own defaults (3 seeds of every arm, ~80 min at cpu)")
     r.set_defaults(func=_reproduce)
 
     rn = sub.add_parser("render", help="executed copies of the notebooks, with figures, in docs/notebooks (for GitHub)")

@@ -1,7 +1,8 @@
 """`make reproduce`: execute notebooks 01–06 with papermill on a profile, then write the report;
 `make render`: executed copies of every notebook (01–07) with their figures, for readers on GitHub.
 
-  python -m epi reproduce --profile cpu      # the main job (default); --profile smoke for a quick pass
+  python -m epi reproduce --profile cpu      # the main job (default; tier quick, ~30 min on 2 cores)
+  python -m epi reproduce --tier full        # every notebook's own cpu grid (3 seeds of every arm, ~80 min)
   python -m epi render --profile smoke       # docs/notebooks/NN_name.ipynb, outputs included
 
 Executed notebooks go to artifacts/notebooks/, each notebook's outputs and summary.json to
@@ -16,12 +17,31 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .analysis.report import write_report
 from .nb import repo_root
 
 NOTEBOOKS = ("01", "02", "03", "04", "05", "06")
+
+# Papermill parameters beyond each notebook's profile defaults, per tier. "quick" (the cpu default) sizes every
+# grid to its lesson, so the whole job takes about half an hour on 2 cores from nothing: one seed per arm where
+# the notebook's defaults run three, and the arms whose claims a committed experiment decides at eight seeds (X1,
+# results/x1) are read from it rather than re-run (notebook 04 says which); 01 shows the committed X3 (results/x3).
+# "full" runs every notebook's own defaults: three seeds of every arm, about 80 minutes — the run that
+# results/report_cpu/report.md comes from.
+TIERS = {
+    "quick": {"01": {"N_SEEDS": 2},
+              "04": {"N_SEEDS": 1, "METHODS": "full_sft,static,epi,epi_per_task,ewc", "EXTRA_ARMS": False},
+              "05": {"N_SEEDS": 1},
+              "06": {"KNOBS": "ratio,refresh_every"}},
+    "full": {},
+}
+
+
+def default_tier(profile: str) -> str:
+    """Return the tier `make reproduce` runs at a profile: quick on cpu, the notebooks' own defaults elsewhere."""
+    return "quick" if profile == "cpu" else "full"
 
 
 def notebook(prefix: str) -> Path:
@@ -30,9 +50,11 @@ def notebook(prefix: str) -> Path:
     return nb
 
 
-def execute(prefix: str, profile: str, seed: int, executed: Path, out_dir: Path) -> Path:
+def execute(prefix: str, profile: str, seed: int, executed: Path, out_dir: Path,
+            extra: Optional[dict] = None) -> Path:
     """Execute one notebook with papermill into `executed`/<name>; outputs under `out_dir`/<profile>/<stem>,
-    runs under `out_dir`/runs. Return the executed copy's path."""
+    runs under `out_dir`/runs; `extra`: more papermill parameters (a reproduce tier's). Return the executed copy's
+    path."""
     import papermill as pm
     # the kernels inherit this process's environment (papermill passes none of its own): epi.nb.quiet() is True
     # there, so no progress widgets pile up in the executed notebooks; EPI_QUIET=0 keeps them
@@ -40,10 +62,15 @@ def execute(prefix: str, profile: str, seed: int, executed: Path, out_dir: Path)
     nb = notebook(prefix)
     executed.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    print(f"[{profile}] {nb.name} · seed {seed}", flush=True)
+    print(f"[{profile}] {nb.name} · seed {seed}" + "".join(f" · {k}={v}" for k, v in (extra or {}).items()),
+          flush=True)
     wanted = {"PROFILE": profile, "SEED": seed, "OUTPUT_DIR": str(out_dir / profile / nb.stem),
               "RUNS_DIR": str(out_dir / "runs")}
     known = pm.inspect_notebook(str(nb))
+    unknown = sorted(set(extra or {}) - set(known))
+    if unknown:
+        raise ValueError(f"{nb.name} has no parameter(s) {unknown}; it has {sorted(known)}")
+    wanted.update(extra or {})
     pm.execute_notebook(str(nb), str(executed / nb.name), kernel_name="python3",
                         parameters={k: v for k, v in wanted.items() if k in known},
                         cwd=str(repo_root() / "notebooks"), progress_bar=False)
@@ -87,18 +114,27 @@ def render(profile: str = "smoke", seed: int = 0, out: str = "docs/notebooks", w
     return 0
 
 
-def main(profile: str = "cpu", seed: int = 0, out: str = "artifacts") -> int:
-    """Run the notebooks in order and write <out>/report.md; return a process exit code."""
+def main(profile: str = "cpu", seed: int = 0, out: str = "artifacts", tier: Optional[str] = None) -> int:
+    """Run the notebooks in order at a tier (`TIERS`; None = `default_tier`) and write <out>/report.md; return a
+    process exit code."""
+    tier = tier or default_tier(profile)
+    if tier not in TIERS:
+        raise ValueError(f"tier must be one of {sorted(TIERS)}, got {tier!r}")
     root = repo_root()
     out_dir = (root / out) if not Path(out).is_absolute() else Path(out)
     t_all = time.time()
-    timings = {}
+    timings, parameters = {}, {}
     for prefix in NOTEBOOKS:
         t0 = time.time()
-        path = execute(prefix, profile, seed, out_dir / "notebooks", out_dir)
-        timings[path.stem] = time.time() - t0
+        extra = TIERS[tier].get(prefix, {})
+        path = execute(prefix, profile, seed, out_dir / "notebooks", out_dir, extra)
+        timings[path.stem], parameters[path.stem] = time.time() - t0, extra
+    # a quick run is set against the committed full-tier run of the same profile, claim by claim
+    full = root / "results" / f"report_{profile}" / profile
     report = write_report(out_dir / profile, out=out_dir / "report.md", notebooks=NOTEBOOKS,
-                          title=f"EPI reproduction report (profile {profile}, seed {seed})", timings=timings)
+                          title=f"EPI reproduction report (profile {profile}, tier {tier}, seed {seed})",
+                          timings=timings, parameters=parameters,
+                          reference=full if tier != "full" and full.is_dir() else None)
     for name, t in timings.items():   # the per-notebook time, printed at the end and written into the report
         print(f"[reproduce] {name}: {t / 60:.1f} min", flush=True)
     print(f"[reproduce] wrote {report} in {time.time() - t_all:.0f} s")

@@ -85,3 +85,28 @@ def test_runs_that_differ_only_in_beta_share_one_base_with_the_importance_of_the
     assert other != folder and set(torch.load(other / "importance.pt", weights_only=True)) == {"0.9", "0.95", "0.99", "0.999"}
     with pytest.raises(KeyError, match="not 0.95"):
         load_base_importance(folder, 0.95)
+
+
+def test_a_base_built_on_every_core_equals_the_one_thread_build_bit_for_bit(tmp_path, monkeypatch):
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    import epi.experiments.base_build as bb
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: nothing to compare")
+    cfg = resolve("smoke", seed=0, tasks=["math", "chat"], eval_records=3, base_steps=30)
+    assert bb.build_threads(cfg) >= 2
+    before = torch.get_num_threads()
+    many = bb.build_base(cfg, cache_dir=str(tmp_path / "many"), progress=False)
+    assert torch.get_num_threads() == before                      # the caller's thread count is given back
+    monkeypatch.setattr(bb, "build_threads", lambda cfg: 1)
+    one = bb.build_base(cfg, cache_dir=str(tmp_path / "one"), progress=False)
+    a, b = load_file(str(many / "model.safetensors")), load_file(str(one / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ia, ib = torch.load(many / "importance.pt"), torch.load(one / "importance.pt")
+    assert all(torch.equal(ia[k][s][n], ib[k][s][n]) for k in ia for s in ia[k] for n in ia[k][s])
+    from epi.models.base_cache import base_meta
+    ma, mb = base_meta(many), base_meta(one)
+    assert ma["scores"] == mb["scores"] and ma["torch_threads"] >= 2 and mb["torch_threads"] == 1

@@ -25,8 +25,10 @@ def test_report_collects_claims_tables_and_figures(tmp_path):
     only = write_report(tmp_path, notebooks=("01",)).read_text()
     assert "importance drifts" in only and "04 · Y" not in only
     assert "Time per notebook" not in only                      # no timings given: no made-up table
-    timed = write_report(tmp_path, timings={"01_x": 185.2, "04_y": 41.0}).read_text()
-    assert "| 01_x | 3 min 5 s |" in timed and "| 04_y | 41 s |" in timed and "| **total** | **3 min 46 s** |" in timed
+    timed = write_report(tmp_path, timings={"01_x": 185.2, "04_y": 41.0},
+                         parameters={"04_y": {"N_SEEDS": 1, "EXTRA_ARMS": False}}).read_text()
+    assert "| 01_x | – | 3 min 5 s |" in timed and "| 04_y | N_SEEDS=1, EXTRA_ARMS=False | 41 s |" in timed
+    assert "| **total** | | **3 min 46 s** |" in timed
 
 
 def test_claim_verdicts_are_checked_and_missing_summaries_explained(tmp_path):
@@ -130,3 +132,17 @@ def test_the_report_counts_its_claims_for_multiplicity(tmp_path):
     write_summary(tmp_path / "01_x", "01 · X", profile="smoke", seeds=[0], claims=claims)
     report = write_report(tmp_path).read_text()
     assert "### How many claims (multiplicity)" in report and "This report makes 4 claim(s)" in report
+
+
+def test_a_report_lists_the_claims_whose_verdict_differs_from_a_reference_run(tmp_path):
+    for folder, verdicts in (("quick", ("supported", "mixed")), ("full", ("supported", "not supported"))):
+        write_summary(tmp_path / folder / "05_x", "05 · X", profile="cpu", seeds=[0],
+                      claims=[claim("A forgets less", "m", verdicts[0]), claim("B learns as well", "m", verdicts[1])])
+    write_summary(tmp_path / "full" / "06_y", "06 · Y", profile="cpu", seeds=[0],
+                  claims=[claim("ratio matters", "m", "mixed")])          # a notebook the quick run left out
+    text = write_report(tmp_path / "quick", reference=tmp_path / "full").read_text()
+    assert "| 05 · X | B learns as well | mixed (1 seed) | not supported (1 seed) |" in text
+    assert "A forgets less |" not in text.split("## Against")[1].split("## 05")[0]   # same verdict: not listed
+    assert "06 · Y" not in text and "1 of 2 claim(s)" in text
+    same = write_report(tmp_path / "full", reference=tmp_path / "full").read_text()
+    assert "Every claim has the same verdict in both runs." in same

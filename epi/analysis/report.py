@@ -121,13 +121,43 @@ def _minutes(seconds: float) -> str:
     return f"{m} min {sec} s" if m else f"{sec} s"
 
 
+def verdict_changes(summaries: Sequence[dict], reference: Path) -> List[str]:
+    """Return report lines: a table of the claims whose verdict differs between `summaries` and the summaries
+    under `reference` (matched by notebook and claim text), or a sentence saying none does."""
+    def verdicts(found: Sequence[dict]) -> Dict[tuple, tuple]:
+        # (verdict, seeds the decision averaged: the rule's own count, else the notebook's seeds)
+        return {(s["notebook"], c["claim"]): (c["verdict"], (c.get("decision") or {}).get("n_seeds")
+                                              or len(s.get("seeds") or []) or None)
+                for s in found for c in s["claims"]}
+    theirs = verdicts([json.loads(p.read_text()) for p in sorted(Path(reference).glob("*/summary.json"))])
+    ours = verdicts(summaries)
+    notebooks = {nb for nb, _ in ours}
+    cell = lambda v: "not made" if v is None else f"{v[0]} ({v[1]} seed{'s' if v[1] != 1 else ''})" if v[1] else v[0]
+    rows = [(nb, claim, ours.get((nb, claim)), theirs.get((nb, claim)))
+            for nb, claim in list(ours) + [k for k in theirs if k not in ours and k[0] in notebooks]]
+    rows = [(nb, claim, cell(a), cell(b)) for nb, claim, a, b in rows if (a or (None,))[0] != (b or (None,))[0]]
+    head = [f"## Against {reference.as_posix()}", "",
+            f"The same claims as decided by the run in `{reference.as_posix()}` (each notebook's own defaults: more seeds "
+            "and arms); a claim is listed when its verdict differs or only one run makes it."]
+    if not rows:
+        return head + ["", "Every claim has the same verdict in both runs."]
+    return head + ["", f"{len(rows)} of {len(set(ours) | {k for k in theirs if k[0] in notebooks})} claim(s):", "",
+                   "| notebook | claim | this run (seeds) | that run (seeds) |", "|---|---|---|---|",
+                   *[f"| {nb} | {claim} | {a} | {b} |" for nb, claim, a, b in rows]]
+
+
 def write_report(artifacts: str | Path, out: Optional[str | Path] = None, title: str = "EPI reproduction report",
-                 notebooks: Optional[Sequence[str]] = None, timings: Optional[Dict[str, float]] = None) -> Path:
+                 notebooks: Optional[Sequence[str]] = None, timings: Optional[Dict[str, float]] = None,
+                 parameters: Optional[Dict[str, dict]] = None, reference: Optional[str | Path] = None) -> Path:
     """Collect `<artifacts>/*/summary.json` into `<artifacts>/report.md`; return its path.
 
     notebooks: folder-name prefixes to include (e.g. ("01", "02")), so a summary left by an earlier run of
     another notebook (another profile, another day) does not enter this report; None = every summary.
     timings: {notebook: wall seconds} of the run that made them, written as a table (with the total).
+    parameters: {notebook: papermill parameters beyond the profile's defaults} (the reproduce tier), a column of
+    that table.
+    reference: a folder of another run's `*/summary.json` (the full tier's, results/report_cpu/cpu): a section lists
+    every claim whose verdict differs from that run's, or that only one of the two makes.
     """
     artifacts = Path(artifacts)
     summaries = [json.loads(p.read_text()) | {"_dir": p.parent}
@@ -137,17 +167,23 @@ def write_report(artifacts: str | Path, out: Optional[str | Path] = None, title:
         raise FileNotFoundError(f"no */summary.json under {artifacts}: run the notebooks first (make reproduce)")
     out = Path(out) if out else artifacts / "report.md"
     lines = [f"# {title}", "",
-             "Every number below was produced by the notebooks in this run; profile, seeds and hardware are "
-             "given per notebook. A claim the runs do not support is marked so.", "",
+             "Every number below was produced by the notebooks in this run, or read by them from a committed "
+             "experiment folder (results/x1, results/x3, results/real_cpu), which the claim's evidence then names; "
+             "profile, seeds and hardware are given per notebook. A claim the runs do not support is marked so.", "",
              "## Claims", "",
              claims_table([c for s in summaries for c in s["claims"]],
                           notebooks=[s["notebook"] for s in summaries for _ in s["claims"]]),
              "", "### How many claims (multiplicity)", "",
              multiplicity_note([c for s in summaries for c in s["claims"]])]
     if timings:
-        lines += ["", "## Time per notebook", "", "| notebook | wall time |", "|---|---|"]
-        lines += [f"| {name} | {_minutes(t)} |" for name, t in timings.items()]
-        lines.append(f"| **total** | **{_minutes(sum(timings.values()))}** |")
+        given = parameters or {}
+        lines += ["", "## Time per notebook", "", "| notebook | parameters beyond the profile's defaults | wall time |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {', '.join(f'{k}={v}' for k, v in given.get(name, {}).items()) or '–'} | "
+                  f"{_minutes(t)} |" for name, t in timings.items()]
+        lines.append(f"| **total** | | **{_minutes(sum(timings.values()))}** |")
+    if reference is not None:
+        lines += ["", *verdict_changes(summaries, Path(reference))]
     for s in summaries:
         rel = s["_dir"].relative_to(out.parent) if out.parent in s["_dir"].parents or s["_dir"] == out.parent \
             else s["_dir"]

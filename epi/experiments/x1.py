@@ -121,6 +121,30 @@ def decide_claims(records: Sequence[dict], minimum: float = MINIMUM, profile: st
     return out
 
 
+def committed_claim(text: str, method: str, baseline: str, results: str | Path | None = None) -> Optional[dict]:
+    """Return X1's committed decision of `method` vs `baseline` (results/x1/claims.csv, 8 seeds) as a claim row
+    named `text`, or None when X1 has no such comparison (or the file is absent).
+
+    Notebook 04 decides a claim from it when the notebook did not run one of the two arms itself (the reproduce
+    plan's quick tier), so the claim keeps its better-powered verdict instead of reading "not measured"."""
+    import pandas as pd
+
+    from ..nb import repo_root
+    path = Path(results) if results is not None else repo_root() / "results" / "x1"
+    if not (path / "claims.csv").is_file():
+        return None
+    rows = pd.read_csv(path / "claims.csv")
+    hit = rows[(rows.method == method) & (rows.baseline == baseline)]
+    if hit.empty:
+        return None
+    r = hit.iloc[0]
+    decision = stats.Verdict(float(r.effect), (float(r.low), float(r.high)), int(r.seeds), int(r.prompts_per_task),
+                             "bootstrap", str(r.verdict), float(r.minimum))
+    return evidence.claim(text, f"X1 (results/x1, committed): {method} − {baseline} {decision.describe()}",
+                          decision.verdict, f"X1, {int(r.seeds)} seeds, read from results/x1/claims.csv",
+                          decision.to_dict())
+
+
 def claims_frame(claims: Sequence[dict]):
     """Return one row per claim with plain columns (effect, interval, seeds, prompts, verdict, detectable)."""
     import pandas as pd

@@ -105,9 +105,7 @@ def run(profile: str = "smoke", seed: int = 0, out: str | Path = "results/x3", c
         raise ValueError(f"replicates must be >= 2 and batches >= 1, got {reps}, {m}")
     if reuse:
         done = load(out)
-        s = done.summary if done else {}
-        if done and (s.get("profile"), s.get("seed"), len(s.get("checkpoints", [])), s.get("replicates"),
-                     s.get("batches_per_task")) == (profile, seed, k, reps, m):
+        if done and _made_with(done.summary, profile, seed, k, reps, m):
             log.info("X3: reusing %s", out)
             return done
     cfg = resolve(profile, protocol="mix", method="full_sft", seed=seed)
@@ -154,6 +152,26 @@ def run(profile: str = "smoke", seed: int = 0, out: str | Path = "results/x3", c
                "command": command or f"python -m epi.experiments.x3 run --profile {profile} --seed {seed} --out {out}"}
     out = write(Path(out), drift, per_layer, scopes, claims, summary)
     return X3Result(drift, per_layer, scopes, claims, summary, out)
+
+
+def _made_with(summary: dict, profile: str, seed: int, k: int, reps: int, m: int) -> bool:
+    """Return True when a summary.json was made with this profile, seed and design (checkpoints, replicates,
+    batches per task)."""
+    s = summary
+    return (s.get("profile"), s.get("seed"), len(s.get("checkpoints", [])), s.get("replicates"),
+            s.get("batches_per_task")) == (profile, seed, k, reps, m)
+
+
+def committed(profile: str, seed: int = 0, folder: str | Path | None = None) -> Optional[X3Result]:
+    """Return the X3 results committed in the repository's results/x3 when they were made with this profile,
+    seed and the profile's default design, else None.
+
+    Notebook 01 shows them rather than recomputing them (about 5 minutes of the cpu profile's `make reproduce`);
+    its RERUN_X3 parameter recomputes them in the notebook's own output folder instead.
+    """
+    from ..nb import repo_root
+    done = load(Path(folder) if folder is not None else repo_root() / "results" / "x3")
+    return done if done and _made_with(done.summary, profile, seed, *DESIGN.get(profile, DESIGN["cpu"])) else None
 
 
 def load(out: str | Path) -> Optional[X3Result]:
