@@ -25,16 +25,16 @@ from .nb import repo_root
 NOTEBOOKS = ("01", "02", "03", "04", "05", "06")
 
 # Papermill parameters beyond each notebook's profile defaults, per tier. "quick" (the cpu default) sizes every
-# grid to its lesson, so the whole job takes about half an hour on 2 cores from nothing: one seed per arm where
-# the notebook's defaults run three, and the arms whose claims a committed experiment decides at eight seeds (X1,
-# results/x1) are read from it rather than re-run (notebook 04 says which); 01 shows the committed X3 (results/x3).
-# "full" runs every notebook's own defaults: three seeds of every arm, about 80 minutes — the run that
-# results/report_cpu/report.md comes from.
+# grid to its lesson, so the whole job takes under half an hour on 2 cores from nothing (measured: README): one
+# seed per arm where the notebook's defaults run three; 04 runs five methods and takes the claims X1 decides at
+# eight seeds from its committed results (results/x1); 01 shows the committed X3 (results/x3); 05's from-scratch
+# counter-case trains 250 steps per stage instead of 500; 06 sweeps the refresh interval T only. "full" runs every
+# notebook's own defaults: three seeds of every arm, about 80 minutes — the run results/report_cpu comes from.
 TIERS = {
     "quick": {"01": {"N_SEEDS": 2},
               "04": {"N_SEEDS": 1, "METHODS": "full_sft,static,epi,epi_per_task,ewc", "EXTRA_ARMS": False},
-              "05": {"N_SEEDS": 1},
-              "06": {"KNOBS": "ratio,refresh_every"}},
+              "05": {"N_SEEDS": 1, "SCRATCH_STEPS": 250},
+              "06": {"KNOBS": "refresh_every"}},
     "full": {},
 }
 

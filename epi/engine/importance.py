@@ -172,8 +172,8 @@ class ImportanceTracker:
                          zero: Optional[List[torch.Tensor]]) -> None:
         """I ← β·I + (1−β)·g² one tensor (or _FOLD-element chunk) at a time, then zero that tensor's `zero`
         coordinates: the second pass and the zeroing find the chunk in cache, where the foreach kernels walk
-        every tensor once per operation (≈ 25 ms less per step on the 135M shape, 2 CPU threads; the same
-        kernels elementwise, so the same bits)."""
+        every tensor once per operation (the EMA: 33 instead of 43 ms per step on the 135M shape, 2 CPU threads;
+        the same kernels elementwise, so the same bits)."""
         beta, w = self.config.beta, 1.0 - self.config.beta
         zero_value = torch.zeros((), dtype=imp[0].dtype)  # the gradients' dtype (checked by the caller)
         for n, (b, x) in enumerate(zip(imp, grads)):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional, Tuple
@@ -36,7 +35,7 @@ from ..models.base_cache import base_betas, base_dir, beta_key
 from ..models.factory import load_model, save_model
 from ..tasks import ABILITIES, evaluate
 from ..training.data import StepData, balanced_schedule, eval_records, make_batchers
-from ..training.device import describe, resolve_device
+from ..training.device import describe, resolve_device, solo_threads
 from ..training.loop import TrackImportance, TrainConfig, make_optimizer, seed_everything, train_steps
 from .profiles import resolve
 
@@ -72,9 +71,8 @@ def build_base(cfg, cache_dir: Optional[str] = None, progress: bool = True) -> P
 
 
 def build_threads(cfg) -> int:
-    """Return the threads a base build uses: every core, up to 8 (more were never measured on this model), and
-    never fewer than the profile's own."""
-    return max(cfg.threads, min(os.cpu_count() or 1, 8))
+    """Return the threads a base build uses (`solo_threads`: every core, at least the profile's own)."""
+    return solo_threads(cfg.threads)
 
 
 def _build(cfg, out: Path, t0: float, progress: bool) -> Path:

@@ -16,6 +16,7 @@ run's settings check compares the precision it resolved to (epi.experiments.runn
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import List, Optional, Tuple
 
@@ -142,4 +143,15 @@ def describe(device: torch.device) -> str:
 def to_device(batch: dict, device: torch.device) -> dict:
     """Return the batch's tensors on `device` (non-blocking copies; the same tensors when already there)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def solo_threads(minimum: int = 1) -> int:
+    """Return the torch threads for work that runs alone on the machine (a base build, a notebook's own training
+    cells): every core, up to 8 (more were never measured here), and never fewer than `minimum` (the profile's).
+
+    Training the tiny models is bit-identical at 1 and 2 threads on this suite's x86-64 CPU (a 2,000-step
+    tiny-base build, weights, importance and scores; tests/test_base_seed.py), so such work may take every core
+    and still match runs made one thread per worker.
+    """
+    return max(minimum, min(os.cpu_count() or 1, 8))
 
