@@ -9,6 +9,7 @@ then each notebook's tables and figures. Claims comparing two arms are decided b
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -68,7 +69,9 @@ def write_summary(out: str | Path, notebook: str, *, profile: str, seeds: Sequen
     figs = []
     for f in figures or []:
         p = Path(f)
-        figs.append(str(p.relative_to(out)) if p.is_absolute() and out in p.parents else str(p))
+        # relative to this folder, so the report links work wherever the folders are copied together
+        # (a committed figure, e.g. results/x3's, is reached through ..)
+        figs.append(os.path.relpath(p, out) if p.is_absolute() else str(p))
     data = {"notebook": notebook, "profile": profile, "seeds": list(seeds), "hardware": hardware,
             "date": time.strftime("%Y-%m-%d"), "claims": claims, "tables": tables or {}, "figures": figs,
             "numbers": numbers or {}}
@@ -136,8 +139,13 @@ def verdict_changes(summaries: Sequence[dict], reference: Path) -> List[str]:
     rows = [(nb, claim, ours.get((nb, claim)), theirs.get((nb, claim)))
             for nb, claim in list(ours) + [k for k in theirs if k not in ours and k[0] in notebooks]]
     rows = [(nb, claim, cell(a), cell(b)) for nb, claim, a, b in rows if (a or (None,))[0] != (b or (None,))[0]]
-    head = [f"## Against {reference.as_posix()}", "",
-            f"The same claims as decided by the run in `{reference.as_posix()}` (each notebook's own defaults: more seeds "
+    from ..nb import repo_root
+    try:  # a folder of the repository is named from its root, as a reader of the committed report finds it
+        shown = Path(reference).resolve().relative_to(repo_root().resolve()).as_posix()
+    except ValueError:
+        shown = Path(reference).as_posix()
+    head = [f"## Against {shown}", "",
+            f"The same claims as decided by the run in `{shown}` (each notebook's own defaults: more seeds "
             "and arms); a claim is listed when its verdict differs or only one run makes it."]
     if not rows:
         return head + ["", "Every claim has the same verdict in both runs."]

@@ -25,6 +25,7 @@ _CHUNK = 1 << 22  # elements per float32 scratch chunk of the bfloat16 update (1
 _OFFSETS = 1 << 16  # dither windows start at one of this many table positions
 _MASK64 = (1 << 64) - 1
 _FOLD = 1 << 20  # elements per chunk of the CPU fold: 4 MiB of importance + 4 MiB of gradient stay in L3
+_FOLD_SMALL = 1 << 17  # below this (512 KiB per buffer) a tensor is folded by the foreach kernels instead
 
 
 def _mix(x: int) -> int:
@@ -175,8 +176,18 @@ class ImportanceTracker:
         every tensor once per operation (the EMA: 33 instead of 43 ms per step on the 135M shape, 2 CPU threads;
         the same kernels elementwise, so the same bits)."""
         beta, w = self.config.beta, 1.0 - self.config.beta
+        # tensors that fit in L2 gain nothing from the walk and pay its Python calls: one foreach pass for them
+        small = [n for n, b in enumerate(imp) if b.numel() < _FOLD_SMALL]
+        if small:
+            torch._foreach_mul_([imp[n] for n in small], beta)
+            torch._foreach_addcmul_([imp[n] for n in small], [grads[n] for n in small], [grads[n] for n in small],
+                                    value=w)
+            if zero is not None:
+                zero_coordinates([grads[n] for n in small], [zero[n] for n in small])
         zero_value = torch.zeros((), dtype=imp[0].dtype)  # the gradients' dtype (checked by the caller)
         for n, (b, x) in enumerate(zip(imp, grads)):
+            if b.numel() < _FOLD_SMALL:
+                continue
             if b.numel() > _FOLD and b.is_contiguous() and x.is_contiguous():
                 bf, xf = b.view(-1), x.view(-1)
                 for lo in range(0, bf.numel(), _FOLD):
