@@ -139,9 +139,9 @@ def verdict_changes(summaries: Sequence[dict], reference: Path) -> List[str]:
     rows = [(nb, claim, ours.get((nb, claim)), theirs.get((nb, claim)))
             for nb, claim in list(ours) + [k for k in theirs if k not in ours and k[0] in notebooks]]
     rows = [(nb, claim, cell(a), cell(b)) for nb, claim, a, b in rows if (a or (None,))[0] != (b or (None,))[0]]
-    from ..nb import repo_root
+    root = Path(__file__).resolve().parents[2]
     try:  # a folder of the repository is named from its root, as a reader of the committed report finds it
-        shown = Path(reference).resolve().relative_to(repo_root().resolve()).as_posix()
+        shown = Path(reference).resolve().relative_to(root).as_posix()
     except ValueError:
         shown = Path(reference).as_posix()
     head = [f"## Against {shown}", "",

@@ -121,6 +121,9 @@ def decide_claims(records: Sequence[dict], minimum: float = MINIMUM, profile: st
     return out
 
 
+RESULTS = Path(__file__).resolve().parents[2] / "results" / "x1"  # the committed results (repository root)
+
+
 def committed_claim(text: str, method: str, baseline: str, results: str | Path | None = None) -> Optional[dict]:
     """Return X1's committed decision of `method` vs `baseline` (results/x1/claims.csv, 8 seeds) as a claim row
     named `text`, or None when X1 has no such comparison (or the file is absent).
@@ -128,9 +131,7 @@ def committed_claim(text: str, method: str, baseline: str, results: str | Path |
     Notebook 04 decides a claim from it when the notebook did not run one of the two arms itself (the reproduce
     plan's quick tier), so the claim keeps its better-powered verdict instead of reading "not measured"."""
     import pandas as pd
-
-    from ..nb import repo_root
-    path = Path(results) if results is not None else repo_root() / "results" / "x1"
+    path = Path(results) if results is not None else RESULTS
     if not (path / "claims.csv").is_file():
         return None
     rows = pd.read_csv(path / "claims.csv")

@@ -154,6 +154,9 @@ def run(profile: str = "smoke", seed: int = 0, out: str | Path = "results/x3", c
     return X3Result(drift, per_layer, scopes, claims, summary, out)
 
 
+RESULTS = Path(__file__).resolve().parents[2] / "results" / "x3"  # the committed results (repository root)
+
+
 def _made_with(summary: dict, profile: str, seed: int, k: int, reps: int, m: int) -> bool:
     """Return True when a summary.json was made with this profile, seed and design (checkpoints, replicates,
     batches per task)."""
@@ -169,8 +172,7 @@ def committed(profile: str, seed: int = 0, folder: str | Path | None = None) -> 
     Notebook 01 shows them rather than recomputing them (about 5 minutes of the cpu profile's `make reproduce`);
     its RERUN_X3 parameter recomputes them in the notebook's own output folder instead.
     """
-    from ..nb import repo_root
-    done = load(Path(folder) if folder is not None else repo_root() / "results" / "x3")
+    done = load(Path(folder) if folder is not None else RESULTS)
     return done if done and _made_with(done.summary, profile, seed, *DESIGN.get(profile, DESIGN["cpu"])) else None
 
 
