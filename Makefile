@@ -27,9 +27,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Unit tests and every notebook (smoke profile, nbval-lax: only checked cells are compared), 2 workers.
+# Unit tests and every notebook (smoke profile, nbval-lax: only checked cells are compared), 2 workers, each
+# keeping to one thread where epi would otherwise take every core (EPI_SOLO_THREADS: base builds, notebook 02).
 test: install
-	EPI_SMOKE=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q -n 2 --dist loadfile \
+	EPI_SMOKE=1 EPI_SOLO_THREADS=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q -n 2 --dist loadfile \
 		--nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 		--durations=10 tests notebooks $(PYTEST_ARGS)
 

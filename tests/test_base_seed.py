@@ -97,6 +97,9 @@ def test_a_base_built_on_every_core_equals_the_one_thread_build_bit_for_bit(tmp_
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one core: nothing to compare")
     cfg = resolve("smoke", seed=0, tasks=["math", "chat"], eval_records=3, base_steps=30)
+    monkeypatch.setenv("EPI_SOLO_THREADS", "1")                   # the cap `make test` sets for its two workers
+    assert bb.build_threads(cfg) == 1
+    monkeypatch.delenv("EPI_SOLO_THREADS")
     assert bb.build_threads(cfg) >= 2
     before = torch.get_num_threads()
     many = bb.build_base(cfg, cache_dir=str(tmp_path / "many"), progress=False)
