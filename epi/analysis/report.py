@@ -135,7 +135,12 @@ def verdict_changes(summaries: Sequence[dict], reference: Path) -> List[str]:
     theirs = verdicts([json.loads(p.read_text()) for p in sorted(Path(reference).glob("*/summary.json"))])
     ours = verdicts(summaries)
     notebooks = {nb for nb, _ in ours}
-    cell = lambda v: "not made" if v is None else f"{v[0]} ({v[1]} seed{'s' if v[1] != 1 else ''})" if v[1] else v[0]
+
+    def cell(v: Optional[tuple]) -> str:
+        if v is None:
+            return "not made"
+        return f"{v[0]} ({v[1]} seed{'s' if v[1] != 1 else ''})" if v[1] else v[0]
+
     rows = [(nb, claim, ours.get((nb, claim)), theirs.get((nb, claim)))
             for nb, claim in list(ours) + [k for k in theirs if k not in ours and k[0] in notebooks]]
     rows = [(nb, claim, cell(a), cell(b)) for nb, claim, a, b in rows if (a or (None,))[0] != (b or (None,))[0]]

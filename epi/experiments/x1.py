@@ -128,8 +128,8 @@ def committed_claim(text: str, method: str, baseline: str, results: str | Path |
     """Return X1's committed decision of `method` vs `baseline` (results/x1/claims.csv, 8 seeds) as a claim row
     named `text`, or None when X1 has no such comparison (or the file is absent).
 
-    Notebook 04 decides a claim from it when the notebook did not run one of the two arms itself (the reproduce
-    plan's quick tier), so the claim keeps its better-powered verdict instead of reading "not measured"."""
+    Notebook 04 decides a claim from it at the cpu profile when it ran fewer seeds than X1's or left one of the
+    two arms out (`make reproduce`'s quick tier), so the claim keeps the better-powered verdict."""
     import pandas as pd
     path = Path(results) if results is not None else RESULTS
     if not (path / "claims.csv").is_file():
