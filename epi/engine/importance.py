@@ -41,6 +41,26 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def put_flat(t: torch.Tensor, index: torch.Tensor, values) -> None:
+    """Write `values` (a tensor aligned with `index`, or a number) at the int32/int64 flat `index` of `t`, in
+    row-major order whatever t's strides.
+
+    index_copy_ / index_fill_ with int64 indices, not index_put_: 1.0 / 1.0 ns per coordinate against 1.6 ns in
+    cache, 2.5 / 2.4 against 3.5 / 3.4 from memory (5 % of a 2^24-element tensor, two CPU threads). The int64 copy of
+    an int32 index lives for one tensor: the stored masks keep 4 bytes per protected coordinate.
+    """
+    if not index.numel():
+        return
+    index = index.long()
+    flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)  # reshape copies a strided tensor: written back
+    if isinstance(values, torch.Tensor):
+        flat.index_copy_(0, index, values)
+    else:
+        flat.index_fill_(0, index, values)
+    if not t.is_contiguous():
+        t.copy_(flat.view(t.shape))
+
+
 @torch.no_grad()
 def zero_coordinates(tensors: Sequence[Optional[torch.Tensor]], index: Sequence[torch.Tensor]) -> None:
     """Set the coordinates at int32 flat `index` of each tensor to 0.0 (None tensors are skipped).
@@ -48,13 +68,9 @@ def zero_coordinates(tensors: Sequence[Optional[torch.Tensor]], index: Sequence[
     Written by index, not multiplied (NaN * 0 stays NaN): faster than masked_fill_ at every protected share
     measured on CPU (0.05-0.5; `python -m epi bench`), as the index touches only those coordinates.
     """
-    zeros: Dict[tuple, torch.Tensor] = {}
     for t, idx in zip(tensors, index):
-        if t is not None and idx.numel():
-            key = (t.dtype, t.device)
-            if key not in zeros:
-                zeros[key] = torch.zeros((), dtype=t.dtype, device=t.device)
-            t.reshape(-1).index_put_((idx,), zeros[key])
+        if t is not None:
+            put_flat(t, idx, 0.0)
 
 
 @torch.no_grad()
@@ -100,7 +116,9 @@ class ImportanceTracker:
 
     def _buffers(self, key: str) -> List[torch.Tensor]:
         if key not in self.buffers:
-            self.buffers[key] = [torch.zeros_like(local(p), dtype=self.dtype) for p in self.params]
+            # row-major whatever the parameter's strides: the bfloat16 update and the CPU fold walk flat views
+            self.buffers[key] = [torch.zeros(local(p).shape, dtype=self.dtype, device=local(p).device)
+                                 for p in self.params]
             self.updates[key] = 0
         return self.buffers[key]
 
@@ -184,7 +202,6 @@ class ImportanceTracker:
                                     value=w)
             if zero is not None:
                 zero_coordinates([grads[n] for n in small], [zero[n] for n in small])
-        zero_value = torch.zeros((), dtype=imp[0].dtype)  # the gradients' dtype (checked by the caller)
         for n, (b, x) in enumerate(zip(imp, grads)):
             if b.numel() < _FOLD_SMALL:
                 continue
@@ -195,8 +212,8 @@ class ImportanceTracker:
                     bc.mul_(beta).addcmul_(xc, xc, value=w)
             else:
                 b.mul_(beta).addcmul_(x, x, value=w)
-            if zero is not None and zero[n].numel():
-                x.reshape(-1).index_put_((zero[n],), zero_value)
+            if zero is not None:
+                put_flat(x, zero[n], 0.0)
 
     @torch.no_grad()
     def _update_rounded(self, i: int, buf: torch.Tensor, grad: torch.Tensor) -> None:
@@ -243,7 +260,8 @@ class ImportanceTracker:
                 "rounds": self.rounds}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffers = {k: [b.clone().to(local(p).device) for b, p in zip(v, self.params)]
+        self.buffers = {k: [b.to(local(p).device).clone(memory_format=torch.contiguous_format)
+                            for b, p in zip(v, self.params)]
                         for k, v in state["buffers"].items()}
         self.updates = dict(state["updates"])
         self.skipped_steps = int(state["skipped_steps"])

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
-from .importance import local
+from .importance import local, put_flat, zero_coordinates
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core import EvolvingIsolation
@@ -194,7 +194,7 @@ class Isolator:
         for i, (p, idx, vals) in enumerate(zip(self.engine.params, self._held_for.index, self._held)):
             x = local(p)
             if vals is not None:
-                x.reshape(-1).index_put_((idx,), vals)
+                put_flat(x, idx, vals)
             self._stamps[i] = x._version
         self._restoring = False
 
@@ -244,13 +244,10 @@ class Isolator:
     # ---- grad-mode pieces ----------------------------------------------------------------------------
     def _clean_moments(self, active) -> None:
         """Zero exp_avg on protected coordinates so their Adam update is exactly 0 (idempotent)."""
-        zero = None
         for p, idx in zip(self.engine.params, active.index):
             state = self.optimizer.state.get(p)
-            if state and "exp_avg" in state and idx.numel():
-                m = local(state["exp_avg"])
-                zero = torch.zeros((), dtype=m.dtype, device=m.device) if zero is None else zero
-                m.reshape(-1).index_put_((idx,), zero)
+            if state and "exp_avg" in state:
+                zero_coordinates([local(state["exp_avg"])], [idx])
 
     def _weight_decay(self, active) -> None:
         """Apply the groups' weight decay ourselves, to free coordinates only."""
