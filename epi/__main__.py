@@ -23,10 +23,12 @@ def _bench(args) -> int:
         raise SystemExit(f"--threads takes thread counts separated by commas (e.g. 1,2), got {args.threads!r}")
     if any(t < 0 for t in threads):
         raise SystemExit(f"--threads must be >= 0 (0 = torch's default), got {args.threads!r}")
+    if args.reps < 1 or not args.min_seconds >= 0:
+        raise SystemExit(f"--reps must be >= 1 and --min-seconds >= 0, got {args.reps} and {args.min_seconds}")
     print(f"# engine benchmark · device={args.device} · torch {torch.__version__} · threads "
           + ",".join(str(t or torch.get_num_threads()) for t in threads))
     print(bench.run(args.shapes.split(","), reps=args.reps, device=args.device, batch=args.batch, seq=args.seq,
-                    threads=threads))
+                    threads=threads, min_seconds=args.min_seconds))
     return 0
 
 
@@ -182,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="engine benchmark: step, refresh and memory ratios from one run")
     b.add_argument("--shapes", default="tiny,smollm2-135m")
-    b.add_argument("--reps", type=int, default=7)
+    b.add_argument("--reps", type=int, default=7, help="EPI steps timed at least (each between two plain steps)")
+    b.add_argument("--min-seconds", type=float, default=20.0,
+                   help="keep timing short steps until this many seconds have passed (at most 100 x reps)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--batch", type=int, default=4)
     b.add_argument("--seq", type=int, default=128)

@@ -1,6 +1,6 @@
 """Engine benchmark: ratios measured in one run (machines are noisy; ratios travel, seconds do not).
 
-  python -m epi bench [--shapes tiny,smollm2-135m] [--reps 5] [--device cpu]
+  python -m epi bench [--shapes tiny,smollm2-135m] [--reps 7] [--min-seconds 20] [--threads 2,1] [--device cpu]
 
 Prints, per model shape: EPI training step vs plain fused-AdamW step (interleaved, same batches),
 refresh time vs torch.cat + kthvalue on the same importance values (and that both agree exactly), and
@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -44,26 +44,43 @@ def _peak_since(device: str, baseline: int) -> int:
     return torch.cuda.max_memory_allocated(device) - baseline if device.startswith("cuda") else 0
 
 
-def _step(model, opt, batch, iso=None) -> float:
+def _step(model, opt, batch, iso=None) -> Tuple[float, float]:
+    """Run one training step; return its (forward + backward, rest) seconds. The rest is everything the engine
+    adds to (observe, the optimizer hooks) plus what both kinds of step do after backward (clip, step, zero_grad)."""
+    device = str(batch["input_ids"].device)
     t0 = time.perf_counter()
     model(**batch).loss.backward()
+    _sync(device)
+    t1 = time.perf_counter()
     if iso is not None:
         iso.observe("bench")
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    _sync(str(batch["input_ids"].device))
-    return time.perf_counter() - t0
+    _sync(device)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _quartiles(values: Sequence[float]) -> Tuple[float, float]:
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return q[0], q[2]
 
 
 def step_ratio(shape: str, *, batch: int, seq: int, reps: int, device: str, dtype: torch.dtype,
-               config: EPIConfig) -> dict:
-    """Return median plain and EPI step times (s) measured interleaved, and the step ratio.
+               config: EPIConfig, min_seconds: float = 0.0) -> dict:
+    """Return the step ratio (EPI step / plain fused-AdamW step) and what it is made of.
 
-    The steps alternate plain, EPI, plain, …, plain; each EPI step is divided by the mean of the plain steps
-    either side of it, and the ratio is the median of those `reps` ratios: a slow spell of the machine then
-    slows both sides of a ratio, where a ratio of two medians can pair a quiet plain step with a busy EPI one
-    (on the shared 2-core machine single steps vary by ±5 %, the engine's own work is ≈ 3 % of a step).
+    The steps alternate plain, EPI, plain, …, plain on the same batch, each timed in two segments: forward +
+    backward, where the engine does nothing (no hooks there), and the rest (EPI: observe, clip, AdamW's step with
+    the engine's hooks, zero_grad; plain: the same without the engine). A whole 3 s step varies by ±5 % on the
+    shared 2-core machine, more than the engine's ≈ 3 %: the median of whole-step ratios printed 1.004 (7 steps)
+    and 1.034 (15 steps) in two runs of the same code. So the ratio is `(F + R_epi) / (F + R_plain)`, with F the median
+    forward + backward over every step of both kinds (the same work) and R the median rest of each kind:
+    its noise is the rest's (tens of ms), not the step's. At least `reps` EPI steps, more until `min_seconds` of
+    steps have been timed (the tiny shape's 40 ms steps: hundreds), at most 100 × reps. Also returned, to check
+    that reading: `fb_ratio`, the median forward + backward of the EPI steps over the plain ones (≈ 1 when the engine does not
+    slow them down), and `paired_ratio` with its quartiles, the median of each whole EPI step over the mean of
+    the plain steps either side (the noisy direct measurement).
 
     On CUDA also the peak GPU memory (GiB) of each setup on its own during its warm-up steps (weights,
     AdamW state, gradients, activations; EPI: + engine and its first refresh): `plain_peak_gib`, `epi_peak_gib`.
@@ -90,13 +107,21 @@ def step_ratio(shape: str, *, batch: int, seq: int, reps: int, device: str, dtyp
         _step(epi, opt_e, data, iso)
     epi_peak = _peak_since(device, baseline)
     tp, te = [_step(plain, opt_p, data)], []
-    for _ in range(reps):  # interleaved: both see the same machine state
+    start = time.perf_counter()
+    # interleaved: both see the same machine state; short steps repeat until `min_seconds` have been timed
+    while len(te) < reps or (time.perf_counter() - start < min_seconds and len(te) < 100 * reps):
         te.append(_step(epi, opt_e, data, iso))
         tp.append(_step(plain, opt_p, data))
-    mp, me = statistics.median(tp), statistics.median(te)
-    ratios = [e / ((a + b) / 2) for e, a, b in zip(te, tp, tp[1:])]
-    out = {"plain_s": mp, "epi_s": me, "ratio": statistics.median(ratios), "protected": iso.protected_fraction(),
-           "mode": iso.isolator.mode}
+    fb = statistics.median([f for f, _ in tp + te])
+    rest_p, rest_e = statistics.median([r for _, r in tp]), statistics.median([r for _, r in te])
+    whole_p, whole_e = [f + r for f, r in tp], [f + r for f, r in te]
+    paired = [e / ((a + b) / 2) for e, a, b in zip(whole_e, whole_p, whole_p[1:])]
+    q1, q3 = _quartiles(paired)
+    out = {"plain_s": fb + rest_p, "epi_s": fb + rest_e, "ratio": (fb + rest_e) / (fb + rest_p),
+           "engine_s": rest_e - rest_p, "fb_s": fb,
+           "fb_ratio": statistics.median([f for f, _ in te]) / statistics.median([f for f, _ in tp]),
+           "paired_ratio": statistics.median(paired), "paired_q1": q1, "paired_q3": q3, "epi_steps": len(te),
+           "protected": iso.protected_fraction(), "mode": iso.isolator.mode}
     if device.startswith("cuda"):
         out.update(plain_peak_gib=plain_peak / 2**30, epi_peak_gib=epi_peak / 2**30)
     iso.detach()
@@ -186,7 +211,8 @@ def configs() -> Dict[str, EPIConfig]:
                               mask_format="index")}
 
 
-def measure(shape: str, *, reps: int = 7, device: str = "cpu", batch: int = 4, seq: int = 128) -> dict:
+def measure(shape: str, *, reps: int = 7, device: str = "cpu", batch: int = 4, seq: int = 128,
+            min_seconds: float = 0.0) -> dict:
     """Return every measurement of one shape: params, step / lean_step (`step_ratio`), refresh
     (`refresh_ratio`), bytes / lean_bytes (`bytes_per_param`); bf16 weights on CUDA, fp32 elsewhere."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -194,7 +220,8 @@ def measure(shape: str, *, reps: int = 7, device: str = "cpu", batch: int = 4, s
     out = {"shape": shape, "device": device, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "seq": seq,
            "reps": reps, "params": sum(p.numel() for p in _model(shape, "meta", torch.float32).parameters())}
     for key, config in (("step", cfg["default"]), ("lean_step", cfg["lean"])):
-        out[key] = step_ratio(shape, batch=batch, seq=seq, reps=reps, device=device, dtype=dtype, config=config)
+        out[key] = step_ratio(shape, batch=batch, seq=seq, reps=reps, device=device, dtype=dtype, config=config,
+                              min_seconds=min_seconds)
     out["refresh"] = refresh_ratio(shape, device=device)
     out["bytes"] = bytes_per_param(shape, cfg["default"], device)
     out["lean_bytes"] = bytes_per_param(shape, cfg["lean"], device)
@@ -204,13 +231,15 @@ def measure(shape: str, *, reps: int = 7, device: str = "cpu", batch: int = 4, s
 def table(results: List[dict]) -> str:
     """Return the markdown table of `measure` results (a peak-memory column when measured on CUDA)."""
     peak = any("epi_peak_gib" in r["step"] for r in results)
-    rows = ["| shape | params | threads | plain step (s) | EPI step (s) | step ratio | lean step ratio | refresh radix (s) "
-            "| cat+kthvalue (s) | refresh ratio | exact | B/param default (+diag) | B/param lean (+diag) |"
-            + (" peak GiB plain / EPI / lean |" if peak else ""),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
+    rows = ["| shape | params | threads | plain step (s) | EPI step (s) | step ratio | engine (ms/step) | fwd+bwd EPI/plain "
+            "| whole-step paired ratio [IQR] | lean step ratio | refresh radix (s) | cat+kthvalue (s) | refresh ratio "
+            "| exact | B/param default (+diag) | B/param lean (+diag) |" + (" peak GiB plain / EPI / lean |" if peak else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
     for m in results:
         s, s_lean, r, b, bl = m["step"], m["lean_step"], m["refresh"], m["bytes"], m["lean_bytes"]
         row = (f"| {m['shape']} | {m['params'] / 1e6:.1f}M | {m.get('threads', '')} | {s['plain_s']:.3f} | {s['epi_s']:.3f} | {s['ratio']:.3f} "
+               f"| {s['engine_s'] * 1e3:.0f} | {s['fb_ratio']:.3f} "
+               f"| {s['paired_ratio']:.3f} [{s['paired_q1']:.3f}, {s['paired_q3']:.3f}] "
                f"| {s_lean['ratio']:.3f} | {r['radix_s']:.3f} | {r['kthvalue_s']:.3f} | {r['ratio']:.2f} "
                f"| {r['exact']} | {b['engine']:.2f} (+{b['diagnostics']:.2f}) "
                f"| {bl['engine']:.2f} (+{bl['diagnostics']:.2f}) |")
@@ -222,7 +251,7 @@ def table(results: List[dict]) -> str:
 
 
 def run(shapes: List[str], reps: int = 7, device: str = "cpu", batch: int = 4, seq: int = 128,
-        threads: Sequence[int] = (0,)) -> str:
+        threads: Sequence[int] = (0,), min_seconds: float = 0.0) -> str:
     """Run every measurement, each shape at each torch thread count (0 = leave torch's default), and return a
     markdown table (also printed by the CLI)."""
     results = []
@@ -230,6 +259,6 @@ def run(shapes: List[str], reps: int = 7, device: str = "cpu", batch: int = 4, s
         for t in threads:
             if t:
                 torch.set_num_threads(t)
-            results.append({**measure(shape, reps=reps, device=device, batch=batch, seq=seq),
+            results.append({**measure(shape, reps=reps, device=device, batch=batch, seq=seq, min_seconds=min_seconds),
                             "threads": torch.get_num_threads()})
     return table(results)

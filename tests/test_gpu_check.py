@@ -12,8 +12,9 @@ from epi.engine.core import ActiveMask
 from epi.integrations import recipe
 
 PART_HEADER = "| part | status | wall (s) | result or reason |"
-BENCH_HEADER = ("| shape | params | threads | plain step (s) | EPI step (s) | step ratio | lean step ratio | refresh radix (s) "
-                "| cat+kthvalue (s) | refresh ratio | exact | B/param default (+diag) | B/param lean (+diag) |")
+BENCH_HEADER = ("| shape | params | threads | plain step (s) | EPI step (s) | step ratio | engine (ms/step) | fwd+bwd EPI/plain "
+                "| whole-step paired ratio [IQR] | lean step ratio | refresh radix (s) | cat+kthvalue (s) | refresh ratio "
+                "| exact | B/param default (+diag) | B/param lean (+diag) |")
 
 
 def strict_json(path):
@@ -152,3 +153,30 @@ def test_plan_refuses_an_unknown_device_or_shape_naming_the_choices():
         gpu_check.plan("cpu", ["qwen9"])
     assert gpu_check.plan("cuda").shapes == ("qwen2.5-0.5b", "qwen2.5-1.5b")
     assert gpu_check.plan("cuda").budget_s == 480
+
+
+def test_step_ratio_reads_the_engine_off_the_rest_of_the_step_not_the_noisy_forward(monkeypatch):
+    """Forward + backward swings by ±20 % here, the rest is 0.10 s plain and 0.13 s with the engine: the ratio is
+    (F + 0.13) / (F + 0.10) with F the median forward + backward, whatever the swings; the paired whole-step
+    ratio carries them."""
+    swings = iter([1.0, 1.2, 0.8, 1.0, 1.2, 0.8, 1.0, 1.0, 0.8, 1.2, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0] * 4)
+    monkeypatch.setattr(bench, "_step", lambda model, opt, data, iso=None: (next(swings), 0.13 if iso else 0.10))
+    out = bench.step_ratio("qwen2-tiny", batch=1, seq=8, reps=5, device="cpu", dtype=torch.float32,
+                           config=bench.configs()["default"])
+    assert out["fb_s"] == 1.0 and out["ratio"] == pytest.approx(1.13 / 1.10)
+    assert out["engine_s"] == pytest.approx(0.03) and out["plain_s"] == pytest.approx(1.10)
+    assert out["paired_q1"] <= out["paired_ratio"] <= out["paired_q3"] and out["paired_q3"] - out["paired_q1"] > 0.1
+
+
+@pytest.mark.parametrize("flags, says", [(["--threads", "-1"], "--threads must be >= 0"),
+                                         (["--reps", "0"], "--reps must be >= 1"),
+                                         (["--min-seconds", "-5"], "--min-seconds >= 0")])
+def test_bench_refuses_bad_flags_before_measuring(flags, says):
+    with pytest.raises(SystemExit, match=says):
+        main(["bench", "--shapes", "qwen2-tiny", *flags])
+
+
+def test_short_steps_repeat_until_the_minimum_time_has_been_timed():
+    out = bench.step_ratio("qwen2-tiny", batch=1, seq=8, reps=2, device="cpu", dtype=torch.float32,
+                           config=bench.configs()["default"], min_seconds=0.5)
+    assert 2 < out["epi_steps"] <= 200

@@ -20,7 +20,7 @@ still move it. Two exact recipes (docs/EXACTNESS.md):
 Grad mode with AdamW and no weight decay on the isolated tensors writes nothing back: m = 0 and a zero
 gradient make Adam's update exactly 0 there. Writing back is cheap because protected values do not change while the mask holds: they are gathered once
 when the mask in force changes (or when something outside the optimizer wrote the tensor, seen by its version
-counter) and scattered by index after every step — about 4 ns per protected coordinate on this CPU, where a
+counter) and scattered by index after every step — about 3 ns per protected coordinate on this CPU, where a
 masked pass over every coordinate costs more below p ≈ 0.5 (`python -m epi bench`). The held values cost
 4 bytes per protected coordinate (fp32 weights), counted in EvolvingIsolation.memory_bytes().
 
